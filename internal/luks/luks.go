@@ -70,6 +70,10 @@ const (
 
 var magic = [6]byte{'L', 'U', 'K', 'S', 0xba, 0xbe}
 
+// ErrNotLUKS is returned (wrapped) by ReadHeader when the bytes do not start
+// with a LUKS1 magic and version: the file is not a LUKS1 image at all.
+var ErrNotLUKS = errors.New("luks: not a LUKS1 image")
+
 // ErrWrongKey is returned when a volume key does not match the header's
 // digest, or when no key slot opens with a passphrase.
 var ErrWrongKey = errors.New("luks: wrong key or passphrase")
@@ -264,7 +268,7 @@ func ReadHeader(r io.ReaderAt) (*Header, error) {
 	var b [HeaderSize]byte
 	if n, err := r.ReadAt(b[:], 0); n != len(b) {
 		if err == nil || err == io.EOF {
-			err = io.ErrUnexpectedEOF
+			return nil, fmt.Errorf("%w (only %d bytes)", ErrNotLUKS, n)
 		}
 		return nil, fmt.Errorf("luks: reading header: %w", err)
 	}
@@ -273,10 +277,10 @@ func ReadHeader(r io.ReaderAt) (*Header, error) {
 
 func parseHeader(b []byte) (*Header, error) {
 	if !bytes.Equal(b[0:6], magic[:]) {
-		return nil, errors.New("luks: not a LUKS header (bad magic)")
+		return nil, fmt.Errorf("%w (bad magic)", ErrNotLUKS)
 	}
 	if v := binary.BigEndian.Uint16(b[6:8]); v != 1 {
-		return nil, fmt.Errorf("luks: unsupported LUKS version %d", v)
+		return nil, fmt.Errorf("%w (version %d)", ErrNotLUKS, v)
 	}
 	h := &Header{
 		PayloadSectors: binary.BigEndian.Uint32(b[104:108]),
@@ -382,8 +386,9 @@ func hashFunc(spec string) (func() hash.Hash, error) {
 	return nil, fmt.Errorf("luks: unsupported hash %q", spec)
 }
 
-// checkCipher reports whether vmbond can decrypt with h's cipher.
-func (h *Header) checkCipher() error {
+// CheckCipher reports whether vmbond can decrypt with h's cipher:
+// aes-xts-plain64 with a 256- or 512-bit key.
+func (h *Header) CheckCipher() error {
 	if h.CipherName != "aes" || h.CipherMode != "xts-plain64" {
 		return fmt.Errorf("luks: unsupported cipher %s-%s, want aes-xts-plain64", h.CipherName, h.CipherMode)
 	}
@@ -418,7 +423,7 @@ func (h *Header) VerifyVolumeKey(key []byte) error {
 // passphrase opens, reading key material from r (the image the header came
 // from). It returns an error wrapping ErrWrongKey if no slot opens.
 func (h *Header) Unlock(r io.ReaderAt, passphrase []byte) ([]byte, error) {
-	if err := h.checkCipher(); err != nil {
+	if err := h.CheckCipher(); err != nil {
 		return nil, err
 	}
 	hf, err := hashFunc(h.HashSpec)
