@@ -109,9 +109,9 @@ func TestHandshake(t *testing.T) {
 				c.greet(clientFlagFixedNewstyle)
 				for _, d := range [][]byte{
 					nil,
-					{0, 0, 0, 9, 'd', 0, 0},                     // name longer than data
-					{0, 0, 0, 0, 0, 2, 0, 1},                    // 2 requests, 1 present
-					{0, 0, 0, 0, 0, 0, 7},                       // trailing byte
+					{0, 0, 0, 9, 'd', 0, 0},  // name longer than data
+					{0, 0, 0, 0, 0, 2, 0, 1}, // 2 requests, 1 present
+					{0, 0, 0, 0, 0, 0, 7},    // trailing byte
 					{0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0}, // huge name length
 				} {
 					c.sendOpt(optInfo, d)

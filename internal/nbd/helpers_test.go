@@ -142,11 +142,11 @@ func (s *sparseBackend) WriteZeroes(off, n int64, mayTrim bool) error {
 }
 
 func (s *sparseBackend) BlockStatus(off, n int64) ([]Extent, error) {
+	s.amu.Lock()
+	defer s.amu.Unlock()
 	if s.statusErr != nil {
 		return nil, s.statusErr
 	}
-	s.amu.Lock()
-	defer s.amu.Unlock()
 	var exts []Extent
 	end := off + n
 	for pos := off; pos < end; {

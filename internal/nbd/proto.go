@@ -277,6 +277,12 @@ func (x *export) check(r *request) uint32 {
 		}
 		return 0
 	}
+	if (r.typ == cmdRead || r.typ == cmdWrite) && r.length > maxPayload {
+		if r.typ == cmdRead && x.structured {
+			return errOverflow // permitted for reads: the client may retry smaller
+		}
+		return errInval // a write this large makes the reader disconnect first
+	}
 	if end := r.offset + uint64(r.length); end < r.offset || end > x.size {
 		if r.typ == cmdWrite || r.typ == cmdWriteZeroes {
 			return errNoSpc
@@ -289,22 +295,8 @@ func (x *export) check(r *request) uint32 {
 			return errInval
 		}
 	}
-	switch r.typ {
-	case cmdRead:
-		if r.length > maxPayload {
-			if x.structured {
-				return errOverflow // permitted: client should retry smaller
-			}
-			return errInval
-		}
-	case cmdWrite:
-		if r.length > maxPayload {
-			return errInval // the reader disconnects before this
-		}
-	case cmdBlockStatus:
-		if r.length == 0 {
-			return errInval // a reply needs at least one nonzero extent
-		}
+	if r.typ == cmdBlockStatus && r.length == 0 {
+		return errInval // a reply needs at least one nonzero extent
 	}
 	return 0
 }

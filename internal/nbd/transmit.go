@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -146,10 +147,25 @@ func (ss *session) readErr(ctx context.Context, what string, err error) error {
 
 func (ss *session) worker() {
 	for o := range ss.work {
-		ss.handle(o)
+		ss.handleSafely(o)
 		ss.budget.release(o.cost)
 		ss.s.putOp(o)
 	}
+}
+
+// handleSafely runs one request. Like net/http, it contains a panic (from a
+// backend, say) to this connection instead of taking down every export the
+// agent serves: the connection is closed, since the client will never get
+// a reply for the request.
+func (ss *session) handleSafely(o *op) {
+	defer func() {
+		if v := recover(); v != nil {
+			ss.log.Error("nbd: panic serving request; closing connection", "cmd", cmdName(o.req.typ),
+				"panic", v, "stack", string(debug.Stack()))
+			ss.closeOnce.Do(func() { ss.nc.Close() })
+		}
+	}()
+	ss.handle(o)
 }
 
 func (ss *session) handle(o *op) {
@@ -169,7 +185,9 @@ func (ss *session) handle(o *op) {
 		ss.blockStatus(o)
 		return
 	case cmdWrite:
-		err = writeFull(ss.x.backend, *o.buf, int64(r.offset))
+		if o.buf != nil { // nil for a zero-length write
+			err = writeFull(ss.x.backend, *o.buf, int64(r.offset))
+		}
 	case cmdFlush:
 		err = ss.x.backend.Flush()
 	case cmdTrim:
