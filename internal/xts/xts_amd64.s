@@ -41,6 +41,9 @@ DATA xtsShr<>+48(SB)/8, $61
 DATA xtsShr<>+56(SB)/8, $61
 GLOBL xtsShr<>(SB), RODATA|NOPTR, $64
 
+// All macros come before the first TEXT: go vet's asmdecl check would
+// otherwise attribute their argument references to the preceding function.
+
 // ---- XMM path: 8 blocks interleaved ----
 //
 // AX round keys, CX rounds, R9 last round key, SI src, DI dst.
@@ -220,6 +223,8 @@ GLOBL xtsShr<>(SB), RODATA|NOPTR, $64
 	VPBROADCASTQ R8, Z31; \
 	VMOVDQU64 xtsShl<>(SB), Z15; \
 	VMOVDQU64 xtsShr<>(SB), Z14
+
+// ---- Functions ----
 
 // func xtsEncAESNI(nr int, rk *byte, dst, src, tweaks *byte, nsec int)
 TEXT ·xtsEncAESNI(SB), NOSPLIT, $128-48

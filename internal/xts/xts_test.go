@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"os/exec"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -204,6 +205,8 @@ func TestParallel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// More Ps than cores, so that the split into uneven runs is exercised.
+	defer runtime.GOMAXPROCS(runtime.GOMAXPROCS(7))
 	for _, size := range []int{0, SectorSize, ParallelThreshold - SectorSize, ParallelThreshold,
 		ParallelThreshold + 3*SectorSize, 4<<20 + 7*SectorSize} {
 		pt := randBytes(rng, size)
