@@ -480,3 +480,5 @@ func (c *client) expectClosed() {
 		c.t.Fatalf("server did not close the connection (read %d bytes)", len(b))
 	}
 }
+
+func discardLogger() *slog.Logger { return slog.New(slog.DiscardHandler) }
