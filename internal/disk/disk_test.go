@@ -630,3 +630,65 @@ func BenchmarkReadAt4K(b *testing.B)  { benchBackends(b, 4<<10, false) }
 func BenchmarkReadAt1M(b *testing.B)  { benchBackends(b, 1<<20, false) }
 func BenchmarkWriteAt4K(b *testing.B) { benchBackends(b, 4<<10, true) }
 func BenchmarkWriteAt1M(b *testing.B) { benchBackends(b, 1<<20, true) }
+
+// TestOpenQemuCreated serves an image a tenant made with qemu-img and wrote
+// with qemu-io.
+func TestOpenQemuCreated(t *testing.T) {
+	qi := needTool(t, "qemu-img")
+	qio := needTool(t, "qemu-io")
+	dir := t.TempDir()
+	pass := []byte(hex.EncodeToString(randBytes(t, 32)))
+	kf := filepath.Join(dir, "key")
+	if err := os.WriteFile(kf, pass, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "q.luks")
+	secret := "secret,id=sec0,file=" + kf
+	for _, args := range [][]string{
+		{qi, "create", "-f", "luks", "--object", secret,
+			"-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=10", path, "1M"},
+		{qio, "--object", secret, "--image-opts", "driver=luks,file.filename=" + path + ",key-secret=sec0",
+			"-c", "write -P 0x5a 1000 64k"},
+	} {
+		for try := 0; ; try++ {
+			b, err := exec.Command(args[0], args[1:]...).CombinedOutput()
+			if err == nil {
+				break
+			}
+			// qemu's PBKDF2 calibration gives up on a busy machine; retry.
+			if try < 5 && strings.Contains(string(b), "Unable to get accurate CPU usage") {
+				os.Remove(path)
+				continue
+			}
+			t.Fatalf("%s: %v\n%s", strings.Join(args, " "), err, b)
+		}
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h, err := luks.ReadHeader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := h.Unlock(f, pass)
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := Open(path, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if d.Size() != 1<<20 {
+		t.Errorf("Size = %d, want 1 MiB", d.Size())
+	}
+	got := make([]byte, 64<<10)
+	if _, err := d.ReadAt(got, 1000); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, bytes.Repeat([]byte{0x5a}, len(got))) {
+		t.Fatal("data qemu-io wrote does not read back")
+	}
+}

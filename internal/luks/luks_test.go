@@ -372,9 +372,7 @@ func TestUnlockQemuImgCreated(t *testing.T) {
 	pass := randPass(t)
 	kf := writeKeyFile(t, pass)
 	path := filepath.Join(t.TempDir(), "q.luks")
-	run(t, qi, "create", "-f", "luks", "--object", "secret,id=sec0,file="+kf,
-		"-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=10",
-		path, "4M")
+	qemuCreate(t, qi, path, kf, "4M")
 	qemuWrite(t, path, kf)
 	checkForeign(t, path, pass)
 }
@@ -394,4 +392,25 @@ func TestUnlockCryptsetupFormatted(t *testing.T) {
 		"--hash", "sha256", "--pbkdf-force-iterations", "1000", "--key-file", kf, path)
 	qemuWrite(t, path, kf)
 	checkForeign(t, path, pass)
+}
+
+// qemuCreate runs qemu-img create -f luks. qemu calibrates PBKDF2 with
+// getrusage and gives up with "Unable to get accurate CPU usage" when the
+// machine is busy (as under go test -race of several packages), so retry.
+func qemuCreate(t *testing.T, qi, path, keyFile, size string) {
+	t.Helper()
+	args := []string{"create", "-f", "luks", "--object", "secret,id=sec0,file=" + keyFile,
+		"-o", "key-secret=sec0,cipher-alg=aes-256,cipher-mode=xts,ivgen-alg=plain64,hash-alg=sha256,iter-time=10",
+		path, size}
+	for try := 0; ; try++ {
+		out, err := exec.Command(qi, args...).CombinedOutput()
+		if err == nil {
+			return
+		}
+		if try < 5 && strings.Contains(string(out), "Unable to get accurate CPU usage") {
+			os.Remove(path)
+			continue
+		}
+		t.Fatalf("%s %s: %v\n%s", qi, strings.Join(args, " "), err, out)
+	}
 }
