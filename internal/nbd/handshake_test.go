@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"testing"
+	"time"
 )
 
 func TestHandshake(t *testing.T) {
@@ -303,7 +304,7 @@ func TestHandshake(t *testing.T) {
 }
 
 func TestHandshakeTimeout(t *testing.T) {
-	s := &Server{Backend: newMem(4096), HandshakeTimeout: 100 * 1e6}
+	s := &Server{Backend: newMem(4096), HandshakeTimeout: 100 * time.Millisecond}
 	c := dial(t, serve(t, s))
 	c.readFull(18) // then say nothing
 	c.expectClosed()
