@@ -128,6 +128,9 @@ func (s *Server) handle(mux *http.ServeMux, pattern string, need role, h func(*c
 			}
 			attrs = append(attrs, "error", ae.Error())
 		}
+		if err == nil && c.w.status >= 400 {
+			level = slog.LevelWarn // an agent's refusal, relayed
+		}
 		attrs = append(attrs, "status", c.w.status, "duration", time.Since(start).Round(time.Microsecond))
 		attrs = append(attrs, c.attrs...)
 		s.log.Log(r.Context(), level, "request", attrs...)

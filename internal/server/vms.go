@@ -295,7 +295,11 @@ func (s *Server) relayCommand(c *call) error {
 	if err := proto.DecodeStrict(body, &env); err == nil {
 		if cmd, err := env.DecodeCommand(); err == nil {
 			c.note("op", cmd.Op)
-			if ans.ok() && cmd.Op == proto.OpDelete && cmd.VM == rec.ID {
+			switch {
+			case !ans.ok() || cmd.Op != proto.OpDelete:
+			case cmd.VM != rec.ID:
+				c.note("decision", "delete names vm "+cmd.VM+", not marked")
+			default:
 				s.markDeleted(c, rec.ID)
 			}
 		}
