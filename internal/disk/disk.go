@@ -34,9 +34,12 @@ const (
 	// blockSize is the unit holes are punched in: the page and file system
 	// block size on the hosts vmbond runs on.
 	blockSize = 4096
-	// chunkSize is the size of pooled buffers; larger requests are done in
-	// chunks of it.
+	// chunkSize is the size of large pooled buffers; larger requests are
+	// done in chunks of it.
 	chunkSize = 1 << 20
+	// smallChunk is the size of small pooled buffers, for the common small
+	// requests: they should not touch a megabyte of cache.
+	smallChunk = 64 << 10
 	// maxExtents bounds a BlockStatus reply; NBD lets it cover less than
 	// asked.
 	maxExtents = 1024
@@ -57,7 +60,8 @@ type Encrypted struct {
 	base  int64 // payload offset in the file
 	size  int64
 	locks rangeLock
-	bufs  sync.Pool // *[]byte of chunkSize
+	small sync.Pool // *[]byte of smallChunk
+	large sync.Pool // *[]byte of chunkSize
 }
 
 // Create makes a LUKS1 image at path (which must not exist) whose payload is
@@ -151,11 +155,25 @@ func newEncrypted(f *os.File, volumeKey []byte) (*Encrypted, error) {
 		size: (fi.Size() - base) / sectorSize * sectorSize,
 	}
 	d.locks.init()
-	d.bufs.New = func() any {
+	d.small.New = func() any {
+		b := make([]byte, smallChunk)
+		return &b
+	}
+	d.large.New = func() any {
 		b := make([]byte, chunkSize)
 		return &b
 	}
 	return d, nil
+}
+
+// getBuf returns a pooled buffer for a request of n bytes (plus up to two
+// partial sectors) and the pool to put it back in.
+func (d *Encrypted) getBuf(n int64) (*[]byte, *sync.Pool) {
+	pool := &d.large
+	if n+2*sectorSize <= smallChunk {
+		pool = &d.small
+	}
+	return pool.Get().(*[]byte), pool
 }
 
 // Size returns the payload size in bytes.
@@ -209,15 +227,15 @@ func (d *Encrypted) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return len(p), eof
 	}
-	bp := d.bufs.Get().(*[]byte)
-	defer d.bufs.Put(bp)
+	bp, pool := d.getBuf(int64(len(p)))
+	defer pool.Put(bp)
 	buf := *bp
 	n := 0
 	for n < len(p) {
 		pos := off + int64(n)
 		sec := pos / sectorSize
 		skip := int(pos - sec*sectorSize)
-		m := min(len(p)-n, chunkSize-skip)
+		m := min(len(p)-n, len(buf)-skip)
 		span := (skip + m + sectorSize - 1) / sectorSize * sectorSize
 		if err := d.readSectors(buf[:span], sec); err != nil {
 			return n, err
@@ -283,15 +301,15 @@ func (d *Encrypted) WriteAt(p []byte, off int64) (int, error) {
 // writeLocked encrypts p, or zeros if p is nil, into [off, off+n). The caller
 // holds the write lock for the range.
 func (d *Encrypted) writeLocked(p []byte, off, n int64) (int64, error) {
-	bp := d.bufs.Get().(*[]byte)
-	defer d.bufs.Put(bp)
+	bp, pool := d.getBuf(n)
+	defer pool.Put(bp)
 	buf := *bp
 	var done int64
 	for done < n {
 		pos := off + done
 		sec := pos / sectorSize
 		skip := int(pos - sec*sectorSize)
-		m := int(min(n-done, int64(chunkSize-skip)))
+		m := int(min(n-done, int64(len(buf)-skip)))
 		span := (skip + m + sectorSize - 1) / sectorSize * sectorSize
 		chunk := buf[:span]
 		if skip != 0 {

@@ -87,6 +87,9 @@ func TestUnalignedRoundTrip(t *testing.T) {
 		{512, 4096},
 		{100, 300},
 		{4095, 4098},
+		{300, smallChunk - 2*sectorSize}, // largest request for a small buffer
+		{300, smallChunk - 2*sectorSize + 1},
+		{511, smallChunk},
 		{100, chunkSize},
 		{100, chunkSize + 1000},
 		{7, 2*chunkSize + 13},
@@ -182,7 +185,7 @@ func TestConcurrentWriters(t *testing.T) {
 	const (
 		workers = 8
 		slot    = 100
-		rounds  = 40
+		rounds  = 12
 		size    = 64 << 10
 	)
 	d := newDisk(t, size)
