@@ -6,7 +6,8 @@
 // On amd64 with AES-NI the work is done in assembly: 16 blocks at a time in
 // four ZMM registers where VAES and AVX-512 are present, otherwise 8 blocks
 // interleaved in XMM registers. Elsewhere a portable path uses crypto/aes one
-// block at a time, with each sector's tweaks computed in a batch.
+// block at a time, with each sector's tweaks computed in a batch; the purego
+// build tag selects it on amd64 too.
 //
 // Encrypt and Decrypt run on the calling goroutine. EncryptParallel and
 // DecryptParallel additionally spread requests of at least ParallelThreshold
