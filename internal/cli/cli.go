@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -57,7 +58,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitRedirection
 	}
 	var ue usageError
-	if errors.As(err, &ue) {
+	if errors.As(err, &ue) || strings.HasPrefix(err.Error(), "unknown command") {
 		fmt.Fprintln(stderr, "error:", err)
 		return exitUsage
 	}
@@ -86,6 +87,12 @@ Quick start: see README.md, or run "make demo".`,
 	}
 	root.PersistentFlags().StringVar(&a.home, "home", client.DefaultDir(), "client keystore and configuration directory ($VMBOND_HOME)")
 	root.PersistentFlags().StringVarP(&a.output, "output", "o", "text", "output format: text or json")
+	root.PersistentPreRunE = func(*cobra.Command, []string) error {
+		if a.output != "text" && a.output != "json" {
+			return usageError{fmt.Errorf("unknown output format %q (text or json)", a.output)}
+		}
+		return nil
+	}
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(a.agentCmd(), a.serverCmd(), a.caCmd(), a.loginCmd(), a.tenantCmd(), a.hostCmd(),
 		a.vmCmd(), a.adminCmd(), a.keyCmd(), a.diskCmd())

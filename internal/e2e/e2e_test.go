@@ -4,12 +4,14 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/vmbond/vmbond/internal/bond"
 	"github.com/vmbond/vmbond/internal/client"
 	"github.com/vmbond/vmbond/internal/disk"
 	"github.com/vmbond/vmbond/internal/xts"
@@ -89,5 +91,92 @@ func TestBondedVMEndToEnd(t *testing.T) {
 	}
 	if !bytes.HasPrefix(sector, marker) {
 		t.Fatalf("decrypted data sector holds %q, want %q", bytes.TrimRight(sector[:64], "\x00"), marker)
+	}
+
+	// A standard tool, given the tenant's exported LUKS key file, turns the
+	// image back into the plaintext the guest wrote.
+	requireTool(t, "qemu-img")
+	keys, err := bond.Derive(vk.DiskKey, vk.Tenant, vk.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(t.TempDir(), "web.key")
+	os.WriteFile(keyFile, keys.LUKSPassphrase(), 0o600)
+	plain := filepath.Join(t.TempDir(), "web.raw")
+	if out, err := exec.Command("qemu-img", "convert", "--object", "secret,id=s0,file="+keyFile,
+		"--image-opts", "driver=luks,file.filename="+img+",key-secret=s0", "-O", "raw", plain).CombinedOutput(); err != nil {
+		t.Fatalf("qemu-img convert: %v\n%s", err, out)
+	}
+	pb, err := os.ReadFile(plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.HasPrefix(pb[g.DataSector*xts.SectorSize:], marker) {
+		t.Fatal("qemu-img's decryption of the image lacks the guest's marker")
+	}
+}
+
+// TestLifecycle operates a running guest through the tenant's commands and
+// an admin's policy-allowed ones.
+func TestLifecycle(t *testing.T) {
+	g := buildGuest(t)
+	c := newCluster(t, "host1")
+	alice := c.tenant("alice")
+	ctx := context.Background()
+	vk, err := alice.Create(ctx, client.CreateOptions{Name: "web", Image: copyFile(t, g.DiskStay), AdminAllowed: []string{"status", "pause", "resume"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := alice.Command(ctx, "web", "start"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { alice.Command(context.Background(), "web", "stop") })
+	if _, err := alice.Command(ctx, "web", "start"); err == nil || !strings.Contains(err.Error(), "already running") {
+		t.Fatalf("second start: %v", err)
+	}
+	waitConsole(t, alice, "web", "heartbeat 1", 120*time.Second)
+	steps := []struct {
+		op, want string
+		admin    bool
+	}{
+		{"status", "running", false},
+		{"pause", "paused", false},
+		{"status", "paused", true},
+		{"resume", "running", false},
+		{"pause", "paused", true},
+		{"resume", "running", true},
+		{"reset", "running", false},
+		{"stop", "stopped", false},
+		{"status", "stopped", false},
+	}
+	for _, s := range steps {
+		var state string
+		if s.admin {
+			r, err := c.admin.Admin(ctx, vk.ID, s.op)
+			if err != nil {
+				t.Fatalf("admin %s: %v", s.op, err)
+			}
+			state = r.State
+		} else {
+			r, err := alice.Command(ctx, "web", s.op)
+			if err != nil {
+				t.Fatalf("%s: %v", s.op, err)
+			}
+			state = r.State
+		}
+		if state != s.want {
+			t.Fatalf("after %s (admin=%v): state %q, want %q", s.op, s.admin, state, s.want)
+		}
+	}
+	for _, op := range []string{"pause", "resume", "reset", "shutdown"} {
+		if _, err := alice.Command(ctx, "web", op); err == nil || !strings.Contains(err.Error(), "not running") {
+			t.Fatalf("%s on a stopped VM: %v", op, err)
+		}
+	}
+	if r, err := alice.Command(ctx, "web", "delete"); err != nil || r.State != "deleted" {
+		t.Fatalf("delete: %v", err)
+	}
+	if vms, _ := alice.List(ctx); len(vms) != 1 || vms[0].State != "deleted" {
+		t.Fatalf("server inventory after delete: %+v", vms)
 	}
 }
