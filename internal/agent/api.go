@@ -467,4 +467,3 @@ func (a *Agent) handleAdmin(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, proto.AdminReply{VM: name, Host: a.HostID(), Op: cmd.Op, State: state})
 }
-
