@@ -43,6 +43,9 @@ type Config struct {
 	// ClockSkew is how far a command's time may be from the agent's clock.
 	// Zero means 5 minutes.
 	ClockSkew time.Duration
+	// Retention is how long a deleted VM stays restorable. Zero means
+	// DefaultRetention.
+	Retention time.Duration
 	Logger    *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
@@ -244,6 +247,7 @@ func (a *Agent) sign(b []byte) []byte { return ed25519.Sign(a.id.signer, b) }
 // Serve serves the agent API on l until ctx is done.
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go a.purgeLoop(ctx)
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -174,6 +174,10 @@ func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
 	a.mu.Lock()
 	existing := a.vms[name]
 	a.mu.Unlock()
+	if a.store.purged(name) {
+		fail(w, http.StatusConflict, a.refuse(d, proto.CodeConflict, "VM "+name+" was purged on this host; its key was destroyed and cannot be registered again"))
+		return
+	}
 	if existing != nil {
 		fail(w, http.StatusConflict, a.refuse(d, proto.CodeConflict, "VM "+name+" is already registered on this host; a second registration would replace its owner's key and is refused"))
 		return
@@ -363,6 +367,10 @@ func (a *Agent) handleCommand(w http.ResponseWriter, r *http.Request) {
 	}
 	if _, ok := automatonFor(cmd.Op); !ok {
 		a.replyRefused(w, v, d, env.Body, cmd.Op, fmt.Sprintf("operation %q is not in the command automata", cmd.Op))
+		return
+	}
+	if cmd.Op == proto.OpPurge && cmd.Args["confirm"] != cmd.VM {
+		a.replyRefused(w, v, d, env.Body, cmd.Op, "purge destroys the key and disk for good: it needs the explicit confirmation confirm="+cmd.VM)
 		return
 	}
 	if err := a.allow(d, "tenant command authenticated"); err != nil {

@@ -40,6 +40,9 @@ func automatonFor(op string) (automaton, bool) {
 		return automaton{}, true
 	case proto.OpDelete:
 		return automaton{steps: []string{"quit"}}, true
+	case proto.OpRestore, proto.OpPurge:
+		// Bookkeeping on a deleted (stopped) VM: nothing reaches QEMU.
+		return automaton{}, true
 	}
 	return automaton{}, false
 }

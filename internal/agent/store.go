@@ -14,6 +14,7 @@ import (
 var (
 	bucketVMs    = []byte("vms")
 	bucketNonces = []byte("nonces")
+	bucketPurged = []byte("purged") // VM IDs whose keys were destroyed
 )
 
 // record is what the agent keeps on its own storage for a VM. The disk key is
@@ -23,6 +24,10 @@ type record struct {
 	Epoch        uint64             `json:"epoch"`
 	DescriptorID []byte             `json:"descriptor_id"`
 	Running      bool               `json:"running"`
+	// Deleted is set by a delete: the VM is kept, stopped, until
+	// PurgeAfter, and its tenant can restore it until then.
+	Deleted    *time.Time `json:"deleted,omitempty"`
+	PurgeAfter time.Time  `json:"purge_after,omitzero"`
 	PID          int                `json:"pid,omitempty"`
 }
 
@@ -34,7 +39,7 @@ func openStore(path string) (*store, error) {
 		return nil, fmt.Errorf("open agent database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketVMs, bucketNonces} {
+		for _, b := range [][]byte{bucketVMs, bucketNonces, bucketPurged} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -105,4 +110,25 @@ func (s *store) useNonce(vm string, nonce []byte, now, expiry time.Time) (bool, 
 		return nil
 	})
 	return fresh, err
+}
+
+// purge removes a VM's record for good and remembers its ID, so that a
+// replayed registration cannot bring the destroyed key back.
+func (s *store) purge(vm string, at time.Time) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if err := tx.Bucket(bucketVMs).Delete([]byte(vm)); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketPurged).Put([]byte(vm), []byte(at.UTC().Format(time.RFC3339)))
+	})
+}
+
+// purged reports whether a VM ID was purged on this host.
+func (s *store) purged(vm string) bool {
+	found := false
+	s.db.View(func(tx *bolt.Tx) error {
+		found = tx.Bucket(bucketPurged).Get([]byte(vm)) != nil
+		return nil
+	})
+	return found
 }

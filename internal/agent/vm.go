@@ -331,7 +331,12 @@ func (a *Agent) operate(ctx context.Context, v *vm, op string) (state, output st
 	if !ok {
 		return "", "", fmt.Errorf("operation %q is not in the command automata", op)
 	}
+	if v.deletedAt() != nil {
+		return a.operateDeleted(v, op)
+	}
 	switch op {
+	case proto.OpRestore, proto.OpPurge:
+		return v.stateName(), "", errors.New("VM is not deleted")
 	case proto.OpStart:
 		state, err = a.start(ctx, v)
 		return state, "", err
@@ -364,39 +369,13 @@ func (a *Agent) operate(ctx context.Context, v *vm, op string) (state, output st
 
 // stateName is the public state when no QMP query is made.
 func (v *vm) stateName() string {
+	if v.deletedAt() != nil {
+		return "deleted"
+	}
 	if v.running() {
 		return "running"
 	}
 	return "stopped"
-}
-
-func (a *Agent) deleteVM(ctx context.Context, v *vm) (string, string, error) {
-	v.mu.Lock()
-	rt := v.run
-	v.mu.Unlock()
-	if rt != nil {
-		aut, _ := automatonFor(proto.OpDelete)
-		if _, err := runAutomaton(ctx, rt.mon, proto.OpDelete, aut); err != nil {
-			return "", "", err
-		}
-		select {
-		case <-rt.exited:
-		case <-time.After(15 * time.Second):
-			return "", "", errors.New("QEMU did not exit after quit")
-		}
-	}
-	// Soft delete: the encrypted disk is kept aside, not erased.
-	trash := filepath.Join(a.cfg.DataDir, "trash", v.spec.VM+"-"+time.Now().UTC().Format("20060102T150405Z"))
-	if err := os.Rename(v.dir, trash); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return "", "", fmt.Errorf("move disk of %s aside: %w", v.spec.VM, err)
-	}
-	if err := a.store.remove(v.spec.VM); err != nil {
-		return "", "", err
-	}
-	a.mu.Lock()
-	delete(a.vms, v.spec.VM)
-	a.mu.Unlock()
-	return "deleted", "", nil
 }
 
 func tail(path string, n int64) (string, error) {

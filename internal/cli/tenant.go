@@ -193,7 +193,8 @@ host CA certified. The key is saved in your keystore first: back it up with
 		{proto.OpShutdown, "Ask the guest to shut down (ACPI power button)"},
 		{proto.OpReset, "Reset the VM"},
 		{proto.OpConsole, "Print the VM's serial console output"},
-		{proto.OpDelete, "Delete the VM (its encrypted disk is kept aside on the host)"},
+		{proto.OpDelete, "Delete the VM: it stops and stays restorable for the host's retention period (default 7 days)"},
+		{proto.OpRestore, "Restore a deleted VM within its retention period"},
 	} {
 		op := op
 		cmd.AddCommand(&cobra.Command{
@@ -219,6 +220,39 @@ host CA certified. The key is saved in your keystore first: back it up with
 			},
 		})
 	}
+	var confirm string
+	purge := &cobra.Command{
+		Use:   "purge NAME --confirm VM-ID",
+		Short: "Destroy a deleted VM's key and disk now (no undo)",
+		Long: `Destroy a deleted VM's key and disk on its host now, before its retention
+period ends (crypto-erase: without the key, every copy of the ciphertext is
+unreadable). Give the VM's ID to --confirm. Your own keystore copy of the key
+is removed too.`,
+		Args: exactArgs(1, "the VM name or ID"),
+		RunE: func(c *cobra.Command, args []string) error {
+			cl, err := a.client()
+			if err != nil {
+				return err
+			}
+			k, err := cl.Store.Key(args[0])
+			if err != nil {
+				return err
+			}
+			if confirm != k.ID {
+				return usageError{fmt.Errorf("purge destroys %s for good: repeat its ID with --confirm %s", args[0], k.ID)}
+			}
+			r, err := cl.Purge(c.Context(), args[0], confirm)
+			if err != nil {
+				return err
+			}
+			if err := cl.Store.RemoveKey(k.ID); err != nil {
+				return err
+			}
+			return a.print(r, func(w io.Writer) { fmt.Fprintf(w, "%s: %s\n", args[0], r.State) })
+		},
+	}
+	purge.Flags().StringVar(&confirm, "confirm", "", "the VM's ID, to confirm")
+	cmd.AddCommand(purge)
 	cmd.AddCommand(&cobra.Command{
 		Use:   "verify NAME",
 		Short: "Make the VM's host prove it holds your key for this VM",

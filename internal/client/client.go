@@ -167,6 +167,16 @@ func newNonce(n int) []byte {
 // fresh, and MACed; the answer must be sealed under the VM's key and name the
 // request, or the client reports a redirection.
 func (c *Client) Command(ctx context.Context, nameOrID, op string) (*proto.ReplyBody, error) {
+	return c.command(ctx, nameOrID, op, nil)
+}
+
+// Purge destroys a deleted VM's key and disk on its host now, before the
+// retention period ends. confirm must be the VM's ID: there is no undo.
+func (c *Client) Purge(ctx context.Context, nameOrID, confirm string) (*proto.ReplyBody, error) {
+	return c.command(ctx, nameOrID, proto.OpPurge, map[string]string{"confirm": confirm})
+}
+
+func (c *Client) command(ctx context.Context, nameOrID, op string, args map[string]string) (*proto.ReplyBody, error) {
 	k, err := c.Store.Key(nameOrID)
 	if err != nil {
 		return nil, err
@@ -180,7 +190,7 @@ func (c *Client) Command(ctx context.Context, nameOrID, op string) (*proto.Reply
 		return nil, err
 	}
 	body, _ := json.Marshal(proto.CommandBody{
-		Version: proto.Version, Tenant: k.Tenant, VM: k.ID, Host: k.Host, Op: op,
+		Version: proto.Version, Tenant: k.Tenant, VM: k.ID, Host: k.Host, Op: op, Args: args,
 		Nonce: newNonce(16), Time: c.now().UTC(),
 	})
 	env, _ := json.Marshal(proto.Envelope{Body: body, MAC: keys.CommandMAC(desc.ID, body)})

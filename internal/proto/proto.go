@@ -28,11 +28,13 @@ const (
 	OpReset    = "reset"
 	OpConsole  = "console"
 	OpDelete   = "delete"
+	OpRestore  = "restore" // tenant: undo a delete within retention
+	OpPurge    = "purge"   // destroy a deleted VM's key and disk now
 )
 
 // Operations lists every operation a command may name, in display order.
 func Operations() []string {
-	return []string{OpStart, OpStatus, OpPause, OpResume, OpStop, OpShutdown, OpReset, OpConsole, OpDelete}
+	return []string{OpStart, OpStatus, OpPause, OpResume, OpStop, OpShutdown, OpReset, OpConsole, OpDelete, OpRestore, OpPurge}
 }
 
 // IsOperation reports whether op is one of Operations.
