@@ -28,7 +28,7 @@ type record struct {
 	// PurgeAfter, and its tenant can restore it until then.
 	Deleted    *time.Time `json:"deleted,omitempty"`
 	PurgeAfter time.Time  `json:"purge_after,omitzero"`
-	PID          int                `json:"pid,omitempty"`
+	PID        int        `json:"pid,omitempty"`
 }
 
 type store struct{ db *bolt.DB }
