@@ -63,6 +63,8 @@ func GenerateKey(dir string) (pubPath string, err error) {
 
 // writeKeyPair creates dir (0700) and a new Ed25519 key pair in it, the
 // private key 0600 and the public key 0644, refusing to replace either file.
+// Like ca.Init it checks before writing; two concurrent calls on one
+// directory are not guarded against.
 func writeKeyPair(dir, keyName, pubName string) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("create directory %s: %w", dir, err)
@@ -82,5 +84,11 @@ func writeKeyPair(dir, keyName, pubName string) error {
 	if err := fsutil.WriteFileAtomic(keyPath, ca.EncodePrivateKey(priv), keyFileMod); err != nil {
 		return err
 	}
-	return fsutil.WriteFileAtomic(pubPath, ca.EncodePublicKey(pub), pubFileMod)
+	if err := fsutil.WriteFileAtomic(pubPath, ca.EncodePublicKey(pub), pubFileMod); err != nil {
+		// Without its public half the new key is useless, and left behind it
+		// would block a retry.
+		os.Remove(keyPath)
+		return err
+	}
+	return nil
 }

@@ -643,7 +643,6 @@ func TestJSON(t *testing.T) {
 	trip(json.RawMessage(ap.Body), &ab)
 	var qb RequestBody
 	trip(json.RawMessage(sr2.Body), &qb)
-	trip(&QuorumError{Valid: 1, Needed: 2, Approvers: []string{"bob"}}, &QuorumError{})
 }
 
 func TestFmtDuration(t *testing.T) {
