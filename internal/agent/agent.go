@@ -24,8 +24,10 @@ import (
 	"sync"
 	"time"
 
+	"github.com/vmbond/vmbond/internal/admin"
 	"github.com/vmbond/vmbond/internal/audit"
 	"github.com/vmbond/vmbond/internal/bond"
+	"github.com/vmbond/vmbond/internal/ca"
 	"github.com/vmbond/vmbond/internal/proto"
 )
 
@@ -44,9 +46,21 @@ type Config struct {
 	// Zero means 5 minutes.
 	ClockSkew time.Duration
 	// Retention is how long a deleted VM stays restorable. Zero means
-	// DefaultRetention.
+	// DefaultRetention. A quorum of admins may change it (set-retention).
 	Retention time.Duration
-	Logger    *slog.Logger
+	// Budgets on destructive operations (delete, purge) per window, per
+	// admin and per host; past them an operation needs a quorum. Zero
+	// means the defaults; a quorum may change them (set-budget).
+	BudgetPerAdmin, BudgetPerHost int
+	BudgetWindow                  time.Duration
+	// Quorum is how many other admins must approve a critical operation.
+	Quorum int
+	// RevocationMaxAge: with no admin revocation list younger than this,
+	// every admin operation is refused. Zero means 24 hours.
+	RevocationMaxAge time.Duration
+	// ApprovalWindow is how old a request carrying approvals may be.
+	ApprovalWindow time.Duration
+	Logger         *slog.Logger
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 }
@@ -59,6 +73,10 @@ type Agent struct {
 	cert  []byte
 	store *store
 	audit *audit.Log
+	// adminCA is nil when no admin CA is installed: admin operations are
+	// then refused.
+	adminCA     ed25519.PublicKey
+	revocations *admin.RevocationState
 
 	mu  sync.Mutex
 	vms map[string]*vm
@@ -78,6 +96,24 @@ func New(cfg Config) (*Agent, error) {
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
+	}
+	if cfg.BudgetPerAdmin == 0 {
+		cfg.BudgetPerAdmin = DefaultBudgetPerAdmin
+	}
+	if cfg.BudgetPerHost == 0 {
+		cfg.BudgetPerHost = DefaultBudgetPerHost
+	}
+	if cfg.BudgetWindow == 0 {
+		cfg.BudgetWindow = DefaultBudgetWindow
+	}
+	if cfg.Quorum == 0 {
+		cfg.Quorum = DefaultQuorum
+	}
+	if cfg.RevocationMaxAge == 0 {
+		cfg.RevocationMaxAge = admin.DefaultMaxRevocationAge
+	}
+	if cfg.ApprovalWindow == 0 {
+		cfg.ApprovalWindow = DefaultApprovalWindow
 	}
 	if cfg.RunDir == "" {
 		abs, err := filepath.Abs(cfg.DataDir)
@@ -110,6 +146,14 @@ func New(cfg Config) (*Agent, error) {
 		st.close()
 		return nil, err
 	}
+	var adminCA ed25519.PublicKey
+	if b, err := os.ReadFile(filepath.Join(cfg.DataDir, AdminCAFile)); err == nil {
+		if adminCA, err = ca.ParsePublicKey(b); err != nil {
+			st.close()
+			al.Close()
+			return nil, fmt.Errorf("read %s: %w", AdminCAFile, err)
+		}
+	}
 	a := &Agent{
 		cfg:   cfg,
 		log:   cfg.Logger.With("host", id.public.HostID),
@@ -118,6 +162,17 @@ func New(cfg Config) (*Agent, error) {
 		store: st,
 		audit: al,
 		vms:   map[string]*vm{},
+
+		adminCA: adminCA,
+	}
+	if adminCA != nil {
+		a.revocations = admin.NewRevocationState(adminCA)
+		var list admin.RevocationList
+		if st.getMeta("revocations", &list) {
+			if err := a.revocations.Update(&list); err != nil {
+				a.log.Error("stored revocation list refused", "err", err)
+			}
+		}
 	}
 	if err := a.load(); err != nil {
 		a.Close()

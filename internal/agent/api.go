@@ -39,6 +39,8 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{vm}/verify", a.handleVerify)
 	mux.HandleFunc("POST /v1/vms/{vm}/command", a.handleCommand)
 	mux.HandleFunc("POST /v1/vms/{vm}/admin", a.handleAdmin)
+	mux.HandleFunc("POST /v1/admin", a.handleHostAdmin)
+	mux.HandleFunc("POST /v1/revocations", a.handleRevocations)
 	// Anything else (raw QMP, unknown operations) is refused and recorded.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		e := a.refuse(decision{actor: "server", op: r.Method + " " + r.URL.Path}, proto.CodeNotFound,
@@ -430,48 +432,4 @@ func (a *Agent) reply(w http.ResponseWriter, v *vm, request []byte, op, state, o
 		status = http.StatusConflict
 	}
 	writeJSON(w, status, sealed)
-}
-
-// handleAdmin runs an operation an admin asks for without the tenant, if and
-// only if the tenant's authenticated policy allows it.
-func (a *Agent) handleAdmin(w http.ResponseWriter, r *http.Request) {
-	name := r.PathValue("vm")
-	var cmd proto.AdminCommand
-	body, err := readBody(r, &cmd)
-	d := decision{actor: "admin:" + cmd.Admin, vm: name, op: cmd.Op, request: body}
-	if err != nil {
-		fail(w, http.StatusBadRequest, a.refuse(d, proto.CodeBadRequest, err.Error()))
-		return
-	}
-	if cmd.VM != name {
-		fail(w, http.StatusForbidden, a.refuse(d, proto.CodeRefused, fmt.Sprintf("admin command is for VM %s but was delivered for %s", cmd.VM, name)))
-		return
-	}
-	v := a.lookup(name)
-	if v == nil {
-		fail(w, http.StatusNotFound, a.refuse(d, proto.CodeNotFound, "no VM "+name+" on host "+a.HostID()))
-		return
-	}
-	if _, ok := automatonFor(cmd.Op); !ok {
-		fail(w, http.StatusForbidden, a.refuse(d, proto.CodeRefused, fmt.Sprintf("operation %q is not in the command automata", cmd.Op)))
-		return
-	}
-	if !slices.Contains(v.spec.AdminAllowed, cmd.Op) {
-		fail(w, http.StatusForbidden, a.refuse(d, proto.CodeForbidden,
-			fmt.Sprintf("tenant %s's policy does not let admins run %q on %s without the tenant (allowed: %s)", v.spec.Tenant, cmd.Op, name, strings.Join(v.spec.AdminAllowed, ", "))))
-		return
-	}
-	if err := a.allow(d, "allowed by tenant policy"); err != nil {
-		fail(w, http.StatusServiceUnavailable, &proto.Error{Code: proto.CodeUnavailable, Message: err.Error()})
-		return
-	}
-	v.opMu.Lock()
-	state, _, err := a.operate(r.Context(), v, cmd.Op)
-	v.opMu.Unlock()
-	if err != nil {
-		a.record(d, "failed", err.Error())
-		fail(w, http.StatusConflict, &proto.Error{Code: proto.CodeRefused, Message: err.Error()})
-		return
-	}
-	writeJSON(w, http.StatusOK, proto.AdminReply{VM: name, Host: a.HostID(), Op: cmd.Op, State: state})
 }

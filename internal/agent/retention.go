@@ -39,7 +39,7 @@ func (a *Agent) deleteVM(ctx context.Context, v *vm) (string, string, error) {
 	}
 	now := a.cfg.Now().UTC()
 	v.mu.Lock()
-	v.rec.Deleted, v.rec.PurgeAfter = &now, now.Add(a.retention())
+	v.rec.Deleted, v.rec.PurgeAfter = &now, now.Add(a.currentSettings().Retention)
 	rec := *v.rec
 	v.mu.Unlock()
 	if err := a.store.put(v.spec.VM, &rec); err != nil {
@@ -89,14 +89,6 @@ func (a *Agent) purgeVM(v *vm) error {
 		return fmt.Errorf("purge %s: remove disk: %w", v.spec.VM, err)
 	}
 	return nil
-}
-
-// retention is the agent's current retention period.
-func (a *Agent) retention() time.Duration {
-	if a.cfg.Retention > 0 {
-		return a.cfg.Retention
-	}
-	return DefaultRetention
 }
 
 // purgeExpired purges tombstones whose retention has ended.

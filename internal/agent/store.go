@@ -39,7 +39,7 @@ func openStore(path string) (*store, error) {
 		return nil, fmt.Errorf("open agent database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketVMs, bucketNonces, bucketPurged} {
+		for _, b := range [][]byte{bucketVMs, bucketNonces, bucketPurged, bucketMeta, bucketBudget} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}

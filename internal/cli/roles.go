@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/vmbond/vmbond/internal/admin"
 	"github.com/vmbond/vmbond/internal/agent"
 	"github.com/vmbond/vmbond/internal/ca"
 	"github.com/vmbond/vmbond/internal/proto"
@@ -85,7 +86,19 @@ First time on a host:
 			return nil
 		},
 	}
-	cmd.AddCommand(initCmd, install)
+	installAdmin := &cobra.Command{
+		Use:   "install-admin-ca ADMIN-CA.pub",
+		Short: "Trust the security officer's admin CA (without it, admin operations are refused)",
+		Args:  exactArgs(1, "the admin CA public key"),
+		RunE: func(c *cobra.Command, args []string) error {
+			if err := installAdminCA(dataDir, args[0]); err != nil {
+				return err
+			}
+			fmt.Fprintln(a.stdout, "admin CA installed; restart the agent")
+			return nil
+		},
+	}
+	cmd.AddCommand(initCmd, install, installAdmin)
 	return cmd
 }
 
@@ -125,7 +138,11 @@ func (a *app) caCmd() *cobra.Command {
 			if err := ca.Init(dir); err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "host CA created in %s\ngive tenants %s to pin (vmbond login --host-ca)\n", dir, filepath.Join(dir, ca.HostPubFile))
+			if err := admin.InitCA(dir); err != nil {
+				return err
+			}
+			fmt.Fprintf(a.stdout, "host CA and admin CA created in %s\ngive tenants %s to pin (vmbond login --host-ca)\ninstall %s on every agent (vmbond agent install-admin-ca)\n",
+				dir, filepath.Join(dir, ca.HostPubFile), filepath.Join(dir, admin.CAPubFile))
 			return nil
 		},
 	}
@@ -165,5 +182,6 @@ func (a *app) caCmd() *cobra.Command {
 	sign.Flags().StringSliceVar(&contexts, "context", nil, "security contexts of the host (e.g. production,database)")
 	sign.Flags().DurationVar(&validity, "validity", ca.DefaultHostValidity, "certificate lifetime")
 	cmd.AddCommand(initCmd, sign)
+	cmd.AddCommand(a.caAdminCmds(&dir)...)
 	return cmd
 }

@@ -21,7 +21,7 @@ func jsonMarshal(v any) ([]byte, error) {
 
 func (a *app) loginCmd() *cobra.Command {
 	var cfg client.Config
-	var caFile, tokenFile string
+	var caFile, tokenFile, adminKey, adminCred string
 	cmd := &cobra.Command{
 		Use:   "login",
 		Short: "Save the server address, your token and the pinned host CA",
@@ -47,6 +47,11 @@ client trusts: it refuses to seal a key to any host the CA did not certify.`,
 				}
 				cfg.HostCA = string(b)
 			}
+			if adminKey != "" || adminCred != "" {
+				if err := client.AdminLogin(&cfg, adminKey, adminCred); err != nil {
+					return err
+				}
+			}
 			ks := &client.Keystore{Dir: a.home}
 			if err := ks.SaveConfig(&cfg); err != nil {
 				return err
@@ -60,6 +65,8 @@ client trusts: it refuses to seal a key to any host the CA did not certify.`,
 	cmd.Flags().StringVar(&tokenFile, "token-file", "", "read the API token from a file")
 	cmd.Flags().StringVar(&cfg.Tenant, "tenant", "", "your tenant name (tenants only)")
 	cmd.Flags().StringVar(&caFile, "host-ca", "", "the host CA public key to pin (host-ca.pub)")
+	cmd.Flags().StringVar(&adminKey, "admin-key", "", "admins: your admin.key (from vmbond admin keygen)")
+	cmd.Flags().StringVar(&adminCred, "admin-cred", "", "admins: the credential the security officer issued (vmbond ca sign-admin)")
 	return cmd
 }
 
@@ -291,32 +298,6 @@ is removed too.`,
 				}
 				tw.Flush()
 			})
-		},
-	})
-	return cmd
-}
-
-func (a *app) adminCmd() *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "admin",
-		Short: "Operate tenants' VMs without them, as their policies allow (admin)",
-	}
-	cmd.AddCommand(&cobra.Command{
-		Use:   "run OPERATION VM-ID",
-		Short: "Run an operation the VM's tenant allows admins to run",
-		Long: `Run an operation on a tenant's VM without the tenant. The host's agent runs
-it only if the tenant's authenticated policy lists it (default: status only).`,
-		Args: exactArgs(2, "an operation and a VM ID"),
-		RunE: func(c *cobra.Command, args []string) error {
-			cl, err := a.client()
-			if err != nil {
-				return err
-			}
-			r, err := cl.Admin(c.Context(), args[1], args[0])
-			if err != nil {
-				return err
-			}
-			return a.print(r, func(w io.Writer) { fmt.Fprintf(w, "%s on %s: %s\n", r.Op, r.VM, r.State) })
 		},
 	})
 	return cmd

@@ -281,12 +281,6 @@ func (c *Client) Verify(ctx context.Context, nameOrID string) error {
 	return nil
 }
 
-// Admin runs an operation as an admin, without the tenant.
-func (c *Client) Admin(ctx context.Context, vmID, op string) (*proto.AdminReply, error) {
-	var r proto.AdminReply
-	return &r, c.call(ctx, "POST", "/v1/vms/"+vmID+"/admin", proto.AdminCommand{VM: vmID, Op: op}, &r)
-}
-
 // CreateTenant creates a tenant account (admin).
 func (c *Client) CreateTenant(ctx context.Context, name string) (*proto.TenantCredential, error) {
 	var cred proto.TenantCredential

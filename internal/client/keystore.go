@@ -21,6 +21,10 @@ type Config struct {
 	// HostCA is the pinned host CA public key (PEM). Hosts it did not
 	// certify are refused.
 	HostCA string `json:"host_ca"`
+	// Admins only: the admin's private key file and the credential the
+	// admin CA issued for it. Agents verify both; the server cannot.
+	AdminKey  string `json:"admin_key,omitempty"`
+	AdminCred string `json:"admin_cred,omitempty"`
 }
 
 // VMKey is what the keystore holds for one VM. DiskKey is the only copy of

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/ed25519"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -19,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmbond/vmbond/internal/admin"
 	"github.com/vmbond/vmbond/internal/agent"
 	"github.com/vmbond/vmbond/internal/audit"
 	"github.com/vmbond/vmbond/internal/ca"
@@ -115,6 +117,83 @@ type cluster struct {
 	admin    *client.Client
 	agents   map[string]*testAgent
 	adminTok string
+	// revList is the newest admin revocation list; clock, when set, is
+	// the agents' clock.
+	revList *admin.RevocationList
+	clock   func() time.Time
+}
+
+func (c *cluster) now() time.Time {
+	if c.clock != nil {
+		return c.clock()
+	}
+	return time.Now()
+}
+
+// revocations signs revocation list number n revoking serials.
+func (c *cluster) revocations(n uint64, serials ...string) *admin.RevocationList {
+	c.t.Helper()
+	l, err := admin.SignRevocations(c.caDir, serials, time.Now(), n)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.revList = l
+	return l
+}
+
+// pushRevocations delivers the newest list straight to an agent.
+func (c *cluster) pushRevocations(a *testAgent) {
+	c.t.Helper()
+	b, _ := json.Marshal(c.revList)
+	resp, err := http.Post(a.URL+"/v1/revocations", "application/json", bytes.NewReader(b))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		c.t.Fatalf("push revocations: %d", resp.StatusCode)
+	}
+}
+
+// newAdmin makes an admin key, has the admin CA certify it, and returns a
+// client logged in with the server's admin token and that credential.
+func (c *cluster) newAdmin(name string) *client.Client {
+	return c.newAdminIssued(name, time.Now(), 24*time.Hour)
+}
+
+// newAdminIssued is newAdmin with a credential issued at a given time.
+func (c *cluster) newAdminIssued(name string, issued time.Time, validity time.Duration) *client.Client {
+	c.t.Helper()
+	dir := c.t.TempDir()
+	pubPath, err := admin.GenerateKey(dir)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	b, _ := os.ReadFile(pubPath)
+	pub, _ := ca.ParsePublicKey(b)
+	cred, err := admin.SignCredential(c.caDir, name, []string{"operator"}, pub, validity, 7*24*time.Hour, issued)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	cb, _ := json.Marshal(cred)
+	credPath := filepath.Join(dir, "cred.json")
+	os.WriteFile(credPath, cb, 0o600)
+	cl := c.login(dir, c.adminTok, "")
+	if err := client.AdminLogin(cl.Config, filepath.Join(dir, admin.KeyFile), credPath); err != nil {
+		c.t.Fatal(err)
+	}
+	return cl
+}
+
+// serialOf returns an admin client's credential serial.
+func serialOf(t testing.TB, cl *client.Client) string {
+	t.Helper()
+	b, _ := os.ReadFile(cl.Config.AdminCred)
+	var cred admin.Credential
+	json.Unmarshal(b, &cred)
+	var body admin.CredentialBody
+	json.Unmarshal(cred.Body, &body)
+	return body.Serial
 }
 
 func newCluster(t testing.TB, hosts ...string) *cluster {
@@ -123,6 +202,10 @@ func newCluster(t testing.TB, hosts ...string) *cluster {
 	if err := ca.Init(c.caDir); err != nil {
 		t.Fatal(err)
 	}
+	if err := admin.InitCA(c.caDir); err != nil {
+		t.Fatal(err)
+	}
+	c.revocations(1)
 	srvDir := t.TempDir()
 	s, err := server.New(server.Config{DataDir: srvDir, Logger: testLogger(t)})
 	if err != nil {
@@ -137,7 +220,7 @@ func newCluster(t testing.TB, hosts ...string) *cluster {
 		t.Fatal(err)
 	}
 	c.adminTok = strings.TrimSpace(string(tok))
-	c.admin = c.login(t.TempDir(), c.adminTok, "")
+	c.admin = c.newAdmin("ops")
 	for _, h := range hosts {
 		a := c.startAgent(h, t.TempDir())
 		if _, err := c.admin.AddHost(context.Background(), a.URL); err != nil {
@@ -172,7 +255,11 @@ func (c *cluster) startAgent(host, dir string) *testAgent {
 			t.Fatal(err)
 		}
 	}
-	ag, err := agent.New(agent.Config{DataDir: dir, Logger: testLogger(t)})
+	pub, _ := os.ReadFile(filepath.Join(c.caDir, admin.CAPubFile))
+	if err := os.WriteFile(filepath.Join(dir, agent.AdminCAFile), pub, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ag, err := agent.New(agent.Config{DataDir: dir, Logger: testLogger(t), Now: c.now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -184,6 +271,7 @@ func (c *cluster) startAgent(host, dir string) *testAgent {
 	ta := &testAgent{Agent: ag, URL: "http://" + l.Addr().String(), DataDir: dir, cancel: cancel, done: make(chan struct{})}
 	go func() { ag.Serve(ctx, l); close(ta.done) }()
 	c.agents[host] = ta
+	c.pushRevocations(ta)
 	t.Cleanup(func() { ta.stop() })
 	return ta
 }
@@ -283,4 +371,19 @@ func waitConsole(t testing.TB, cl *client.Client, vm, want string, timeout time.
 		}
 		time.Sleep(250 * time.Millisecond)
 	}
+}
+
+// adminKeyAndCred reads an admin client's key and credential files.
+func adminKeyAndCred(t testing.TB, cl *client.Client) (ed25519.PrivateKey, *admin.Credential) {
+	t.Helper()
+	priv, err := ca.LoadPrivateKey(cl.Config.AdminKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(cl.Config.AdminCred)
+	var cred admin.Credential
+	if err := json.Unmarshal(b, &cred); err != nil {
+		t.Fatal(err)
+	}
+	return priv, &cred
 }

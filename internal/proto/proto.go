@@ -271,20 +271,13 @@ type VerifyReply struct {
 	Sig  []byte `json:"sig"` // Ed25519 by the host signing key
 }
 
-// AdminCommand is an operation an admin asks for without the tenant. The
-// agent runs it only if the tenant's authenticated policy allows it.
-type AdminCommand struct {
-	Admin string `json:"admin"`
-	VM    string `json:"vm"`
-	Op    string `json:"op"`
-}
-
 // AdminReply is the agent's plain answer to an admin.
 type AdminReply struct {
-	VM    string `json:"vm"`
+	VM    string `json:"vm,omitempty"`
 	Host  string `json:"host"`
 	Op    string `json:"op"`
-	State string `json:"state"`
+	State string `json:"state,omitempty"`
+	Note  string `json:"note,omitempty"`
 }
 
 // VMState is the public inventory an agent keeps for each VM.
