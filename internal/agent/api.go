@@ -41,6 +41,8 @@ func (a *Agent) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/vms/{vm}/admin", a.handleAdmin)
 	mux.HandleFunc("POST /v1/admin", a.handleHostAdmin)
 	mux.HandleFunc("POST /v1/revocations", a.handleRevocations)
+	mux.HandleFunc("GET /v1/audit", a.handleAudit)
+	mux.HandleFunc("GET /v1/vms/{vm}/audit", a.handleVMAudit)
 	// Anything else (raw QMP, unknown operations) is refused and recorded.
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		e := a.refuse(decision{actor: "server", op: r.Method + " " + r.URL.Path}, proto.CodeNotFound,

@@ -95,7 +95,7 @@ Quick start: see README.md, or run "make demo".`,
 	}
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageError{err} })
 	root.AddCommand(a.agentCmd(), a.serverCmd(), a.caCmd(), a.loginCmd(), a.tenantCmd(), a.hostCmd(),
-		a.vmCmd(), a.adminCmd(), a.keyCmd(), a.diskCmd())
+		a.vmCmd(), a.adminCmd(), a.keyCmd(), a.diskCmd(), a.auditCmd())
 	return root
 }
 

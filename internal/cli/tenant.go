@@ -259,7 +259,7 @@ is removed too.`,
 		},
 	}
 	purge.Flags().StringVar(&confirm, "confirm", "", "the VM's ID, to confirm")
-	cmd.AddCommand(purge)
+	cmd.AddCommand(purge, a.vmAuditCmd())
 	cmd.AddCommand(&cobra.Command{
 		Use:   "verify NAME",
 		Short: "Make the VM's host prove it holds your key for this VM",

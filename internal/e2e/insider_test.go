@@ -263,7 +263,6 @@ func TestQuorum(t *testing.T) {
 	})
 }
 
-
 func TestRevocationAndStaleList(t *testing.T) {
 	c := newCluster(t, "host1")
 	ctx := context.Background()
