@@ -27,6 +27,16 @@ func (s *Server) routes() http.Handler {
 	s.handle(mux, "POST /v1/vms/{vm}/verify", roleTenant, s.relayVerify)
 	s.handle(mux, "POST /v1/vms/{vm}/command", roleTenant, s.relayCommand)
 	s.handle(mux, "POST /v1/vms/{vm}/admin", roleAdmin, s.adminCommand)
+	s.handle(mux, "GET /v1/vms/{vm}/audit", roleAny, s.vmAudit)
+	s.handle(mux, "POST /v1/hosts/{host}/admin", roleAdmin, s.hostAdmin)
+	s.handle(mux, "POST /v1/revocations", roleAdmin, s.postRevocations)
+	s.handle(mux, "GET /v1/revocations", roleAny, s.getRevocations)
+	s.handle(mux, "POST /v1/requests", roleAdmin, s.createRequest)
+	s.handle(mux, "GET /v1/requests", roleAdmin, s.listRequests)
+	s.handle(mux, "GET /v1/requests/{id}", roleAdmin, s.getRequest)
+	s.handle(mux, "POST /v1/requests/{id}/approvals", roleAdmin, s.approveRequest)
+	s.handle(mux, "POST /v1/requests/{id}/execute", roleAdmin, s.executeRequest)
+	s.handle(mux, "GET /v1/audit", roleAdmin, s.collectAudit)
 	return s.jsonMux(mux)
 }
 
@@ -141,6 +151,7 @@ func (s *Server) addHost(c *call) error {
 		return err
 	}
 	c.note("decision", decision, "host", id, "url", u, "serial", body.Serial)
+	s.pushStoredRevocations(c, id, u)
 	writeJSON(c.w, http.StatusOK, proto.HostInfo{ID: id, URL: u, Cert: cert, VMs: counts[id]})
 	return nil
 }

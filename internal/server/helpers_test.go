@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmbond/vmbond/internal/admin"
 	"github.com/vmbond/vmbond/internal/proto"
 )
 
@@ -130,6 +131,32 @@ func (a *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
 		reply(200, inv)
 		return
 	}
+	// Host-wide routes: a canned answer under "METHOD /path", else a default.
+	if !strings.HasPrefix(r.URL.Path, "/v1/vms/") {
+		key := r.Method + " " + r.URL.Path
+		a.mu.Lock()
+		ans, ok := a.answers[key]
+		a.mu.Unlock()
+		if ok {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(ans.status)
+			io.WriteString(w, ans.body)
+			return
+		}
+		switch key {
+		case "POST /v1/admin":
+			req := envelopeRequest(body)
+			reply(200, proto.AdminReply{Host: a.id, Op: req.Op, Note: "fake agent applied it"})
+		case "POST /v1/revocations":
+			w.WriteHeader(http.StatusNoContent)
+		case "GET /v1/audit":
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"host":"`+a.id+`","entries":[{"seq":1,"op":"register"}],"head":{"seq":1,"sig":"AAAA"}}`)
+		default:
+			reply(404, proto.Error{Code: proto.CodeNotFound, Message: "fake agent: no route " + key})
+		}
+		return
+	}
 	parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/v1/vms/"), "/")
 	if len(parts) < 2 {
 		reply(404, proto.Error{Code: proto.CodeNotFound, Message: "fake agent: no route"})
@@ -158,12 +185,111 @@ func (a *fakeAgent) serve(w http.ResponseWriter, r *http.Request) {
 		w.Write(body)
 		w.Write([]byte(`}`))
 	case "POST admin":
-		var cmd proto.AdminCommand
-		json.Unmarshal(body, &cmd)
-		reply(200, proto.AdminReply{VM: cmd.VM, Host: a.id, Op: cmd.Op, State: "paused"})
+		req := envelopeRequest(body)
+		reply(200, proto.AdminReply{VM: parts[0], Host: a.id, Op: req.Op, State: "paused"})
+	case "GET audit":
+		w.Header().Set("Content-Type", "application/json")
+		io.WriteString(w, `{"vm":"`+parts[0]+`","entries":[{"op":"start","actor":"tenant"}]}`)
 	default:
 		reply(404, proto.Error{Code: proto.CodeNotFound, Message: "fake agent: no route " + key})
 	}
+}
+
+// envelopeRequest reads the public request body of an admin envelope, as
+// the fake agent sees it (zero if it cannot).
+func envelopeRequest(raw []byte) admin.RequestBody {
+	var env admin.Envelope
+	var req admin.RequestBody
+	if json.Unmarshal(raw, &env) == nil {
+		json.Unmarshal(env.Request.Body, &req)
+	}
+	return req
+}
+
+// requestsTo returns the requests the agent received for method and path.
+func (a *fakeAgent) requestsTo(method, path string) []agentReq {
+	var out []agentReq
+	for _, r := range a.requests() {
+		if r.Method == method && r.Path == path {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+// adminReq builds an admin's request body: by name, for host and vm (""
+// for host-wide), op.
+func adminReq(name, host, vm, op string) admin.RequestBody {
+	return admin.RequestBody{
+		Version: proto.Version, Admin: name, Host: host, VM: vm, Op: op,
+		Nonce: bytes.Repeat([]byte{byte(len(name) + len(vm) + len(op))}, admin.NonceSize),
+		Time:  time.Date(2025, 6, 7, 8, 9, 10, 0, time.UTC),
+	}
+}
+
+// envelope makes an admin envelope with fake credentials and signatures:
+// the server verifies none of them.
+func envelope(t testing.TB, req admin.RequestBody, approvals ...*admin.Approval) admin.Envelope {
+	t.Helper()
+	body, err := json.Marshal(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return admin.Envelope{
+		Request: admin.SignedRequest{
+			Credential: admin.Credential{Body: []byte(`{"name":"` + req.Admin + `"}`), Sig: []byte("ca-sig-not-checked")},
+			Body:       body,
+			Sig:        []byte("sig-of-" + req.Admin),
+		},
+		Approvals: approvals,
+	}
+}
+
+// approval makes an approval by name of the request with digest.
+func approval(t testing.TB, name string, digest []byte) *admin.Approval {
+	t.Helper()
+	body, err := json.Marshal(admin.ApprovalBody{Version: proto.Version, Admin: name, Request: digest, Expires: time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &admin.Approval{
+		Credential: admin.Credential{Body: []byte(`{"name":"` + name + `"}`), Sig: []byte("ca-sig")},
+		Body:       body,
+		Sig:        []byte("approval-sig-of-" + name),
+	}
+}
+
+// oddJSON encodes v with indentation and spacing that no re-encoding by the
+// server would reproduce, to test byte-for-byte relays.
+func oddJSON(t testing.TB, v any) []byte {
+	t.Helper()
+	raw, err := json.Marshal(v)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	if err := json.Indent(&b, raw, " ", "\t  "); err != nil {
+		t.Fatal(err)
+	}
+	return append([]byte("  "), b.Bytes()...)
+}
+
+// fakeClock is a settable clock for Config.Now.
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
 }
 
 // env is a server under test behind httptest.

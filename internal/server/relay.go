@@ -82,6 +82,11 @@ func agentURL(base, path string) string { return strings.TrimRight(base, "/") + 
 // do sends one request with an in-memory body (nil for none) and reads the
 // whole answer, within the agent timeout.
 func (a *agentClient) do(ctx context.Context, method, url string, body []byte, timeout time.Duration) (*agentAnswer, error) {
+	return a.doLimit(ctx, method, url, body, timeout, maxAgentAnswer)
+}
+
+// doLimit is do reading at most limit bytes of the answer.
+func (a *agentClient) doLimit(ctx context.Context, method, url string, body []byte, timeout time.Duration, limit int64) (*agentAnswer, error) {
 	if timeout <= 0 || timeout > a.timeout {
 		timeout = a.timeout
 	}
@@ -99,10 +104,10 @@ func (a *agentClient) do(ctx context.Context, method, url string, body []byte, t
 		req.Header.Set("Content-Type", "application/json")
 	}
 	req.Header.Set("Accept", "application/json")
-	return a.send(req)
+	return a.send(req, limit)
 }
 
-func (a *agentClient) send(req *http.Request) (*agentAnswer, error) {
+func (a *agentClient) send(req *http.Request, limit int64) (*agentAnswer, error) {
 	resp, err := a.http.Do(req)
 	if err != nil {
 		if cause := context.Cause(req.Context()); cause != nil && !errors.Is(err, cause) {
@@ -111,12 +116,12 @@ func (a *agentClient) send(req *http.Request) (*agentAnswer, error) {
 		return nil, fmt.Errorf("%s %s: %w", req.Method, req.URL.Redacted(), err)
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, maxAgentAnswer+1))
+	body, err := io.ReadAll(io.LimitReader(resp.Body, limit+1))
 	if err != nil {
 		return nil, fmt.Errorf("%s %s: read answer: %w", req.Method, req.URL.Redacted(), err)
 	}
-	if len(body) > maxAgentAnswer {
-		return nil, fmt.Errorf("%s %s: answer larger than %d bytes", req.Method, req.URL.Redacted(), maxAgentAnswer)
+	if int64(len(body)) > limit {
+		return nil, fmt.Errorf("%s %s: answer larger than %d bytes", req.Method, req.URL.Redacted(), limit)
 	}
 	return &agentAnswer{status: resp.StatusCode, contentType: resp.Header.Get("Content-Type"), body: body}, nil
 }
@@ -155,7 +160,7 @@ func (a *agentClient) push(ctx context.Context, url string, f *os.File, size int
 		req.Body = http.NoBody
 	}
 	req.Header.Set("Content-Type", "application/octet-stream")
-	ans, err := a.send(req)
+	ans, err := a.send(req, maxAgentAnswer)
 	return ans, err
 }
 

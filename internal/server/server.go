@@ -29,11 +29,17 @@ const (
 	DefaultMaxImageSize = 64 << 30 // 64 GiB
 	// MaxBootFileSize bounds an uploaded kernel or initrd.
 	MaxBootFileSize = 256 << 20
+	// DefaultAdminDeleteBudget and DefaultAdminDeleteWindow: how many VMs
+	// one admin may delete through the server, platform-wide, per window
+	// before the server asks for a quorum request instead.
+	DefaultAdminDeleteBudget = 10
+	DefaultAdminDeleteWindow = time.Hour
 )
 
 // Config configures a Server.
 type Config struct {
-	// DataDir holds server.db, admin.token, images/ and boot/. Created 0700.
+	// DataDir holds server.db, admin.token, images/, boot/ and audit/ (the
+	// last audit log collected from each host). Created 0700.
 	DataDir string
 	// Logger receives every request decision; slog.Default() if nil.
 	Logger *slog.Logger
@@ -42,6 +48,18 @@ type Config struct {
 	AgentTimeout time.Duration
 	// MaxImageSize bounds an uploaded disk image. DefaultMaxImageSize if zero.
 	MaxImageSize int64
+	// AdminDeleteBudget is how many VMs one admin (by the name in the signed
+	// request) may delete through the server within AdminDeleteWindow
+	// before further deletes without approvals are refused with 429. It is
+	// an early refusal only: the agents' own budgets are the guarantee.
+	// DefaultAdminDeleteBudget if zero; a negative value disables it.
+	AdminDeleteBudget int
+	// AdminDeleteWindow is the sliding window of AdminDeleteBudget.
+	// DefaultAdminDeleteWindow if zero; a negative value disables the budget.
+	AdminDeleteWindow time.Duration
+	// Now is the clock of the delete budget and of stored records;
+	// time.Now if nil.
+	Now func() time.Time
 }
 
 // Server is the management server. Create it with New.
@@ -52,6 +70,7 @@ type Server struct {
 	agents    *agentClient
 	adminHash string // hex SHA-256 of the admin token
 	handler   http.Handler
+	budget    deleteBudget
 }
 
 // New opens (or creates) the server's data directory and database. On first
@@ -70,7 +89,16 @@ func New(cfg Config) (*Server, error) {
 	if cfg.MaxImageSize <= 0 {
 		cfg.MaxImageSize = DefaultMaxImageSize
 	}
-	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "images"), filepath.Join(cfg.DataDir, "boot")} {
+	if cfg.AdminDeleteBudget == 0 {
+		cfg.AdminDeleteBudget = DefaultAdminDeleteBudget
+	}
+	if cfg.AdminDeleteWindow == 0 {
+		cfg.AdminDeleteWindow = DefaultAdminDeleteWindow
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	for _, d := range []string{cfg.DataDir, filepath.Join(cfg.DataDir, "images"), filepath.Join(cfg.DataDir, "boot"), filepath.Join(cfg.DataDir, "audit")} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("server: create data directory: %w", err)
 		}
@@ -87,6 +115,7 @@ func New(cfg Config) (*Server, error) {
 		log:    cfg.Logger,
 		store:  st,
 		agents: newAgentClient(cfg.AgentTimeout),
+		budget: deleteBudget{pending: map[string]int{}},
 	}
 	if s.adminHash, err = s.loadAdminToken(); err != nil {
 		st.close()

@@ -20,7 +20,14 @@ const (
 	bucketHosts   = "hosts"   // host id -> hostRecord
 	bucketVMs     = "vms"     // vm id -> vmRecord
 	bucketClaims  = "claims"  // vm id -> tenant name that uploaded files for it
+	// bucketAdmin holds the admin plane: revocationsKey -> the newest
+	// revocation list received (exact bytes, not JSON-wrapped).
+	bucketAdmin    = "admin"
+	bucketRequests = "requests" // request id -> requestRecord
+	bucketDeletes  = "deletes"  // admin name -> []time.Time of relayed deletes
 )
+
+const revocationsKey = "revocations"
 
 const adminTokenKey = "admin_token_sha256"
 
@@ -77,7 +84,7 @@ func openStore(path string) (*store, error) {
 		return nil, fmt.Errorf("open database %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range []string{bucketMeta, bucketTenants, bucketTokens, bucketHosts, bucketVMs, bucketClaims} {
+		for _, b := range []string{bucketMeta, bucketTenants, bucketTokens, bucketHosts, bucketVMs, bucketClaims, bucketAdmin, bucketRequests, bucketDeletes} {
 			if _, err := tx.CreateBucketIfNotExists([]byte(b)); err != nil {
 				return fmt.Errorf("create bucket %s: %w", b, err)
 			}

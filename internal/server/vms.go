@@ -315,38 +315,3 @@ func (s *Server) markDeleted(c *call, vm string) {
 	}
 	c.note("decision", "vm marked deleted")
 }
-
-// adminCommand relays an admin's operation. The agent runs it only if the
-// tenant's authenticated policy allows it.
-func (s *Server) adminCommand(c *call) error {
-	rec, err := s.lookupVM(c, true)
-	if err != nil {
-		return err
-	}
-	var cmd proto.AdminCommand
-	if _, err := decodeBody(c, "AdminCommand", &cmd); err != nil {
-		return err
-	}
-	if cmd.VM != "" && cmd.VM != rec.ID {
-		return errorf(http.StatusBadRequest, proto.CodeBadRequest, "command names vm %q but the path names %q", cmd.VM, rec.ID)
-	}
-	if !proto.IsOperation(cmd.Op) {
-		return errorf(http.StatusBadRequest, proto.CodeBadRequest, "unknown operation %q", cmd.Op)
-	}
-	cmd.VM = rec.ID
-	cmd.Admin = c.who.String()
-	body, err := json.Marshal(cmd)
-	if err != nil {
-		return internalError("encode admin command", err)
-	}
-	c.note("op", cmd.Op)
-	ans, err := s.relayToAgent(c, rec, http.MethodPost, "/admin", body)
-	if err != nil {
-		return err
-	}
-	if ans.ok() && cmd.Op == proto.OpDelete {
-		s.markDeleted(c, rec.ID)
-	}
-	ans.relay(c.w)
-	return nil
-}
