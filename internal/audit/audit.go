@@ -63,6 +63,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
 	"sync"
 	"time"
 )
@@ -99,11 +100,20 @@ var ErrClosed = errors.New("audit log closed")
 // file offsets a Log remembers, to find ranges without reading from the start.
 const indexStride = 1024
 
+// gatherWait bounds how long the flusher waits for appenders to join a
+// batch much smaller than the last one.
+const gatherWait = 200 * time.Microsecond
+
 // syncWriter is what a Log writes to: its file, or a failing one in tests.
 type syncWriter interface {
 	io.Writer
 	Sync() error
 }
+
+// logFile is a log's file, synced with fdatasync where there is one.
+type logFile struct{ *os.File }
+
+func (f logFile) Sync() error { return dataSync(f.File) }
 
 // Log is an open audit log. It is safe for concurrent use.
 type Log struct {
@@ -132,6 +142,7 @@ type Log struct {
 // batch is a group of entries written and synced together.
 type batch struct {
 	buf   []byte
+	n     int // entries
 	last  uint64
 	hash  [hashSize]byte
 	host  string
@@ -163,13 +174,13 @@ func Open(path string) (*Log, error) {
 }
 
 func open(path string, f *os.File) (*Log, error) {
-	l := &Log{path: path, f: f, w: f, wake: make(chan struct{}, 1), stopped: make(chan struct{}), cur: newBatch(nil)}
-	var lastLine []byte
+	l := &Log{path: path, f: f, w: logFile{f}, wake: make(chan struct{}, 1), stopped: make(chan struct{}), cur: newBatch(nil)}
+	var lastOff int64
 	v := Verifier{NoRedacted: true, entry: func(e *entryLine) {
 		if (e.seq-1)%indexStride == 0 {
 			l.index = append(l.index, e.off)
 		}
-		lastLine = e.line
+		lastOff = e.off
 		l.dSize = e.off + int64(len(e.line)) + 1
 	}}
 	rep, err := v.Verify(f)
@@ -185,7 +196,11 @@ func open(path string, f *os.File) (*Log, error) {
 		}
 	}
 	if rep.Entries > 0 {
-		ev, err := decodeEvent(&entryLine{line: lastLine, seq: rep.Last})
+		line := make([]byte, l.dSize-lastOff)
+		if _, err := f.ReadAt(line, lastOff); err != nil {
+			return nil, fmt.Errorf("read entry %d: %w", rep.Last, err)
+		}
+		ev, err := decodeLine(line)
 		if err != nil {
 			return nil, fmt.Errorf("entry %d: %w", rep.Last, err)
 		}
@@ -233,6 +248,7 @@ func (l *Log) Append(e Event) (Event, error) {
 	b.buf = append(b.buf, body...)
 	b.buf = append(b.buf, '\n')
 	b.last, b.hash, b.host = e.Seq, hash, e.Host
+	b.n++
 	l.seq, l.prev = e.Seq, hash
 	l.mu.Unlock()
 	select {
@@ -252,6 +268,7 @@ func (l *Log) Append(e Event) (Event, error) {
 // flush writes and syncs batches until the Log is closed and drained.
 func (l *Log) flush() {
 	defer close(l.stopped)
+	last := 0 // entries in the last batch
 	for {
 		l.mu.Lock()
 		for len(l.cur.buf) == 0 {
@@ -263,7 +280,17 @@ func (l *Log) flush() {
 			<-l.wake
 			l.mu.Lock()
 		}
+		// The appenders of the last batch were just released and are
+		// likely to append again: give them a moment to join this batch
+		// rather than syncing a handful of entries and making the rest
+		// wait a whole sync.
+		for deadline := time.Now().Add(gatherWait); l.cur.n < last/2 && !l.closed && time.Now().Before(deadline); {
+			l.mu.Unlock()
+			runtime.Gosched()
+			l.mu.Lock()
+		}
 		b := l.cur
+		last = b.n
 		l.cur = newBatch(l.spare)
 		l.spare = nil
 		err := l.err

@@ -412,10 +412,14 @@ func (w failWriter) Sync() error { return w.syncErr }
 
 func TestFailClosed(t *testing.T) {
 	for _, tc := range []struct {
-		name  string
+		name   string
 		break_ func(l *Log)
 	}{
-		{"write error", func(l *Log) { l.mu.Lock(); l.w = failWriter{writeErr: errors.New("no space left on device")}; l.mu.Unlock() }},
+		{"write error", func(l *Log) {
+			l.mu.Lock()
+			l.w = failWriter{writeErr: errors.New("no space left on device")}
+			l.mu.Unlock()
+		}},
 		{"sync error", func(l *Log) { l.mu.Lock(); l.w = failWriter{syncErr: errors.New("input/output error")}; l.mu.Unlock() }},
 		{"closed file", func(l *Log) { l.f.Close() }},
 		{"read-only file", func(l *Log) {
@@ -441,7 +445,7 @@ func TestFailClosed(t *testing.T) {
 			}
 			wg.Wait()
 			l.mu.Lock()
-			l.w = l.f // even if the disk comes back, the log stays failed
+			l.w = logFile{l.f} // even if the disk comes back, the log stays failed
 			l.mu.Unlock()
 			if _, err := l.Append(event(5)); !errors.Is(err, ErrNotWritable) {
 				t.Fatalf("append after a failure: %v", err)
@@ -679,4 +683,24 @@ func FuzzVerify(f *testing.F) {
 		}
 		Redact(&bytes.Buffer{}, bytes.NewReader(data), func(e Event) bool { return e.Op == "op2" })
 	})
+}
+
+func TestLongLines(t *testing.T) {
+	path, l := newTestLog(t, 0)
+	for i, n := range []int{10, 200 << 10, 10, 900 << 10, 70 << 10} {
+		if _, err := l.Append(Event{Host: "host1", Op: fmt.Sprint(i), Reason: strings.Repeat("r", n)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	evs, err := ReadAll(path)
+	if err != nil || len(evs) != 5 || len(evs[3].Reason) != 900<<10 {
+		t.Fatalf("%d events, %v", len(evs), err)
+	}
+	data, _ := os.ReadFile(path)
+	long := append(bytes.Repeat([]byte("x"), maxLine+1), '\n')
+	rep, err := VerifyLog(bytes.NewReader(append(data, long...)), nil, nil)
+	var p *Problem
+	if !errors.As(err, &p) || p.Kind != Malformed || p.Seq != 6 || rep.Entries != 5 {
+		t.Fatalf("over-long line: %v", err)
+	}
 }

@@ -174,7 +174,7 @@ func (l *entryLine) parse() {
 	l.prev = prev
 	var bh [hashSize]byte
 	if isStub(body) {
-		hex.Decode(bh[:], body[len(redactedField):len(redactedField)+2*hashSize])
+		decodeHex(bh[:], body[len(redactedField):len(redactedField)+2*hashSize])
 		l.redacted = true
 	} else {
 		bh = sha256.Sum256(body)
@@ -205,10 +205,9 @@ func splitLine(line []byte) (seq uint64, prev [hashSize]byte, body []byte, err e
 		return 0, prev, nil, errBadPrefix
 	}
 	p = p[len(prevField):]
-	if len(p) < 2*hashSize+2 || p[2*hashSize] != '"' || p[2*hashSize+1] != ',' || !lowerHex(p[:2*hashSize]) {
+	if len(p) < 2*hashSize+2 || p[2*hashSize] != '"' || p[2*hashSize+1] != ',' || !decodeHex(prev[:], p[:2*hashSize]) {
 		return 0, prev, nil, errBadPrefix
 	}
-	hex.Decode(prev[:], p[:2*hashSize])
 	body = p[2*hashSize+2:]
 	if len(body) == 0 || body[len(body)-1] != '}' {
 		return 0, prev, nil, errors.New("not an audit entry: line does not end with }")
@@ -225,13 +224,31 @@ func isStub(body []byte) bool {
 		body[len(body)-2] == '"' && body[len(body)-1] == '}'
 }
 
+// lowerHex reports whether b is lowercase hex digits only.
 func lowerHex(b []byte) bool {
 	for _, c := range b {
-		if (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+		if hexValue(c) > 0xf {
 			return false
 		}
 	}
 	return true
+}
+
+// hexValue returns the value of a lowercase hex digit, or 0xff.
+func hexValue(c byte) byte { return hexTable[c] }
+
+// hexTable maps lowercase hex digits to their values and other bytes to 0xff.
+const hexTable = "\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\x0a\x0b\x0c\x0d\x0e\x0f\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff"
+
+// decodeHex decodes len(dst)*2 lowercase hex digits from src into dst.
+func decodeHex(dst, src []byte) bool {
+	var bad byte
+	for i := range dst {
+		hi, lo := hexValue(src[2*i]), hexValue(src[2*i+1])
+		bad |= hi | lo
+		dst[i] = hi<<4 | lo&0xf
+	}
+	return bad <= 0xf
 }
 
 // stubLine returns the redacted form of a full entry line.

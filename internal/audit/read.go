@@ -28,6 +28,13 @@ type lineReader struct {
 	torn    []byte // an incomplete last line (no newline), once at EOF
 	noHash  bool   // only parse the chain fields (lookahead after a problem)
 	workers int
+
+	// Buffers reused from chunk to chunk: the lines returned by next are
+	// valid until the next call, the bytes of a line for two more calls.
+	bufs  [3][]byte
+	nbuf  int
+	size  int // of the next chunk
+	lines []entryLine
 }
 
 func newLineReader(r io.Reader) *lineReader {
@@ -38,10 +45,19 @@ var errLineTooLong = fmt.Errorf("not an audit entry: line longer than %d bytes",
 
 // next returns the lines of the next chunk, or nil at the end of the input.
 // A line longer than maxLine is returned as an entryLine with err set, after
-// which the reader stops.
+// which the reader stops. The returned slice is reused by the next call; the
+// bytes of its lines stay valid for two more calls.
 func (lr *lineReader) next() ([]entryLine, error) {
 	for !lr.eof {
-		buf := make([]byte, chunkSize)
+		// Chunks start small, so that a short input costs little, and
+		// double up to chunkSize; a chunk is always larger than the partial
+		// line carried into it.
+		lr.size = min(max(2*lr.size, 64<<10), chunkSize)
+		lr.nbuf = (lr.nbuf + 1) % len(lr.bufs)
+		if len(lr.bufs[lr.nbuf]) < lr.size {
+			lr.bufs[lr.nbuf] = make([]byte, lr.size)
+		}
+		buf := lr.bufs[lr.nbuf][:lr.size]
 		n := copy(buf, lr.rest)
 		m, err := io.ReadFull(lr.r, buf[n:])
 		n += m
@@ -80,7 +96,7 @@ func (lr *lineReader) next() ([]entryLine, error) {
 
 // split cuts chunk (which ends with a newline) into parsed lines.
 func (lr *lineReader) split(chunk []byte) []entryLine {
-	lines := make([]entryLine, 0, len(chunk)/256+1)
+	lines := lr.lines[:0]
 	for len(chunk) > 0 {
 		i := bytes.IndexByte(chunk, '\n')
 		lr.num++
@@ -97,6 +113,7 @@ func (lr *lineReader) split(chunk []byte) []entryLine {
 			}
 		}
 	}
+	lr.lines = lines
 	if lr.workers <= 1 || len(lines) < parallelMin || lr.noHash {
 		parse(lines)
 		return lines
@@ -111,12 +128,14 @@ func (lr *lineReader) split(chunk []byte) []entryLine {
 	return lines
 }
 
-// cursor walks the lines of a lineReader one at a time, with lookahead.
+// cursor walks the lines of a lineReader one at a time, with lookahead. The
+// bytes of the current line and the next stay valid until advance.
 type cursor struct {
-	lr  *lineReader
-	q   []entryLine
-	i   int
-	err error // read error
+	lr    *lineReader
+	q     []entryLine
+	spare []entryLine
+	i     int
+	err   error // read error
 }
 
 // peek returns the k-th line from the current one, or nil past the end.
@@ -133,8 +152,9 @@ func (c *cursor) peek(k int) *entryLine {
 		if more == nil {
 			return nil
 		}
-		c.q = append(c.q[:0:0], c.q[c.i:]...)
-		c.q = append(c.q, more...)
+		q := append(c.spare[:0], c.q[c.i:]...)
+		c.spare = c.q
+		c.q = append(q, more...)
 		c.i = 0
 	}
 	return &c.q[c.i+k]
@@ -143,7 +163,9 @@ func (c *cursor) peek(k int) *entryLine {
 func (c *cursor) advance() { c.i++ }
 
 // find looks ahead, from the line after the current one, for a line whose
-// sequence number is in [lo, hi], without hashing. It consumes the input.
+// sequence number is in [lo, hi], without hashing. It consumes the input and
+// the bytes of the lines it passes may be reused: use only the parsed fields
+// of the current line and of the result.
 func (c *cursor) find(lo, hi uint64) *entryLine {
 	c.lr.noHash = true
 	for k := 1; ; k++ {

@@ -296,10 +296,14 @@ func (s *state) run(heads []validHead) error {
 		}
 		for len(heads) > 0 && heads[0].seq == e.seq {
 			if heads[0].hash != e.hash {
+				since := "since the start"
+				if s.rep.Heads > 0 {
+					since = fmt.Sprintf("after entry %d, the last one a signed head confirms", s.rep.Signed)
+				}
 				if n := s.c.peek(1); n != nil && n.err == nil && n.prev == e.hash {
-					s.problem(Forged, e.seq, e.num, "does not match the signed head at its sequence number, yet the entries after it chain to it: the chain was rewritten after entry %d (the last one a signed head confirms)", s.rep.Signed)
+					s.problem(Forged, e.seq, e.num, "does not match the signed head at its sequence number, yet the entries after it chain to it: the chain was rewritten %s", since)
 				} else {
-					s.problem(Altered, e.seq, e.num, "does not match the signed head at its sequence number (altered or replaced, after entry %d which a signed head confirms)", s.rep.Signed)
+					s.problem(Altered, e.seq, e.num, "does not match the signed head at its sequence number: altered or replaced (or the chain before it rewritten %s)", since)
 				}
 				return nil
 			}
@@ -345,12 +349,12 @@ func (s *state) run(heads []validHead) error {
 	}
 	if len(heads) > 0 {
 		h := heads[len(heads)-1]
-		s.problem(Truncated, s.expect, 0, "the log ends at entry %d but a signed head covers entry %d: entries %d to %d were dropped", lastSeq, h.seq, s.expect, h.seq)
+		s.problem(Truncated, s.expect, 0, "the log ends at entry %d but a signed head covers entry %d: %s dropped", lastSeq, h.seq, span(s.expect, h.seq, "was", "were"))
 		return nil
 	}
 	if signed := max(s.rep.Signed, s.v.From.Seq); lastSeq > signed && (len(s.v.Heads) > 0 || s.v.RequireSigned) {
 		p := Problem{Kind: UnsignedTail, Seq: signed + 1,
-			Detail: fmt.Sprintf("entries %d to %d are past the last signed head: nothing proves the host wrote them", signed+1, lastSeq)}
+			Detail: fmt.Sprintf("%s past the last signed head: nothing proves the host wrote them", span(signed+1, lastSeq, "is", "are"))}
 		if s.v.RequireSigned {
 			s.rep.Problems = append(s.rep.Problems, p)
 		} else {
@@ -394,11 +398,7 @@ func (s *state) classify(e *entryLine) {
 			s.problem(Reordered, f.seq, f.num, "out of order: expected at line %d, before entry %d", num, e.seq)
 			return
 		}
-		if e.seq-s.expect == 1 {
-			s.problem(Dropped, s.expect, num, "missing: entry %d follows entry %d", e.seq, s.expect-1)
-		} else {
-			s.problem(Dropped, s.expect, num, "entries %d to %d are missing: entry %d follows entry %d", s.expect, e.seq-1, e.seq, s.expect-1)
-		}
+		s.problem(Dropped, s.expect, num, "%s missing: entry %d follows entry %d", span(s.expect, e.seq-1, "is", "are"), e.seq, s.expect-1)
 	case last != nil && e.seq == last.seq && e.prev == s.lastPP:
 		// Two entries claim the same place; the one the chain continues
 		// from is genuine.
@@ -415,6 +415,14 @@ func (s *state) classify(e *entryLine) {
 		}
 		s.problem(Reordered, e.seq, e.num, "appears after %s", prev)
 	}
+}
+
+// span describes the entries from a to b with the verb that follows.
+func span(a, b uint64, one, many string) string {
+	if a == b {
+		return fmt.Sprintf("entry %d %s", a, one)
+	}
+	return fmt.Sprintf("entries %d to %d %s", a, b, many)
 }
 
 // decodeEvent decodes a full entry line.
