@@ -68,7 +68,9 @@ func TestBadBodiesGetClearErrors(t *testing.T) {
 		{"POST", "/v1/vms/web/command", `{"body":"e30=","mac":"","extra":1}`, "unknown field"},
 		{"POST", "/v1/vms/web/verify", `{"challenge":"AAAA"}`, "32-byte challenge"},
 		{"POST", "/v1/vms/web/admin", `[]`, "decode request body"},
-		{"POST", "/v1/vms/web/admin", `{"admin":"x","vm":"web","op":"status"}`, "no VM web"},
+		{"POST", "/v1/vms/web/admin", `{"admin":"x","vm":"web","op":"status"}`, "unknown field"},
+		{"POST", "/v1/vms/web/admin", `{"request":{"credential":{"body":"e30=","sig":""},"body":"e30=","sig":""}}`, "admin CA"},
+		{"POST", "/v1/revocations", `{"body":"e30=","sig":""}`, "admin CA"},
 		{"PUT", "/v1/vms/BAD/disk", ``, "invalid vm"},
 		{"PUT", "/v1/vms/web/boot/bios", ``, "boot file"},
 		{"POST", "/v1/vms/web/register", strings.Repeat(" ", proto.MaxBody+10), "over"},
@@ -96,7 +98,7 @@ func FuzzAgentAPI(f *testing.F) {
 	f.Add(0, []byte(`{"spec":"e30=","spec_mac":"","sealed_key":""}`))
 	f.Add(1, []byte(`{"body":"e30=","mac":""}`))
 	f.Add(2, []byte(`{"challenge":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}`))
-	f.Add(3, []byte(`{"admin":"x","vm":"web","op":"status"}`))
+	f.Add(3, []byte(`{"request":{"credential":{"body":"e30=","sig":""},"body":"e30=","sig":""}}`))
 	paths := []string{"/v1/vms/web/register", "/v1/vms/web/command", "/v1/vms/web/verify", "/v1/vms/web/admin"}
 	f.Fuzz(func(t *testing.T, which int, body []byte) {
 		path := paths[uint(which)%uint(len(paths))]
