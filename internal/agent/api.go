@@ -77,11 +77,9 @@ func (a *Agent) handleList(w http.ResponseWriter, r *http.Request) {
 	a.mu.Lock()
 	out := make([]proto.VMState, 0, len(a.vms))
 	for _, v := range a.vms {
+		state := v.stateName()
 		v.mu.Lock()
-		s := proto.VMState{VM: v.spec.VM, Tenant: v.spec.Tenant, Name: v.spec.Name, State: "stopped", PID: v.rec.PID}
-		if v.run != nil {
-			s.State = "running"
-		}
+		s := proto.VMState{VM: v.spec.VM, Tenant: v.spec.Tenant, Name: v.spec.Name, State: state, PID: v.rec.PID}
 		v.mu.Unlock()
 		out = append(out, s)
 	}

@@ -356,6 +356,14 @@ func (a *Agent) operate(ctx context.Context, v *vm, op string) (state, output st
 		return v.stateName(), "", nil
 	}
 	state, err = runAutomaton(ctx, rt.mon, op, aut)
+	if err != nil && op == proto.OpStatus {
+		// The guest powered off while we asked: QEMU is exiting.
+		select {
+		case <-rt.exited:
+			return "stopped", "", nil
+		case <-time.After(5 * time.Second):
+		}
+	}
 	if op == proto.OpStop && err == nil {
 		select {
 		case <-rt.exited:

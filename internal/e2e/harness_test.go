@@ -119,8 +119,9 @@ type cluster struct {
 	adminTok string
 	// revList is the newest admin revocation list; clock, when set, is
 	// the agents' clock.
-	revList *admin.RevocationList
-	clock   func() time.Time
+	revList    *admin.RevocationList
+	adminCAPub string
+	clock      func() time.Time
 }
 
 func (c *cluster) now() time.Time {
@@ -205,6 +206,7 @@ func newCluster(t testing.TB, hosts ...string) *cluster {
 	if err := admin.InitCA(c.caDir); err != nil {
 		t.Fatal(err)
 	}
+	c.adminCAPub = filepath.Join(c.caDir, admin.CAPubFile)
 	c.revocations(1)
 	srvDir := t.TempDir()
 	s, err := server.New(server.Config{DataDir: srvDir, Logger: testLogger(t)})
@@ -255,7 +257,7 @@ func (c *cluster) startAgent(host, dir string) *testAgent {
 			t.Fatal(err)
 		}
 	}
-	pub, _ := os.ReadFile(filepath.Join(c.caDir, admin.CAPubFile))
+	pub, _ := os.ReadFile(c.adminCAPub)
 	if err := os.WriteFile(filepath.Join(dir, agent.AdminCAFile), pub, 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -215,7 +215,7 @@ func TestQuorum(t *testing.T) {
 		}, "self approval"},
 		{"same admin twice", func(sr *admin.SignedRequest) []*admin.Approval {
 			return []*admin.Approval{approve(carol, sr, time.Hour), approve(carol, sr, time.Hour)}
-		}, "1 of 2"},
+		}, "1 valid approval of 2 needed"},
 		{"expired approval", func(sr *admin.SignedRequest) []*admin.Approval {
 			return []*admin.Approval{approve(carol, sr, time.Millisecond), approve(dave, sr, time.Hour)}
 		}, "expired"},
@@ -288,7 +288,7 @@ func TestRevocationAndStaleList(t *testing.T) {
 	}
 	// Stale: once the newest list is older than the bound, every admin
 	// operation fails closed.
-	carol := c.newAdmin("carol")
+	carol := c.newAdminIssued("carol", time.Now(), 72*time.Hour)
 	if _, err := carol.Admin(ctx, vk.ID, "status"); err != nil {
 		t.Fatal(err)
 	}
