@@ -22,20 +22,31 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '$ %s\n' "$*" | sed "s#$VMBOND#vmbond#g; s#$W#\$W#g"; "$@"; }
 wait_http() { for _ in $(seq 100); do curl -fsS "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
 
-step "Security officer: an offline host CA"
+step "Security officer: an offline host CA and admin CA"
 run "$VMBOND" ca init --ca "$W/ca"
 
 step "Host: the trusted agent creates its identity; the officer certifies it"
 run "$VMBOND" agent init --data "$W/agent" --host-id host1 >/dev/null
 run "$VMBOND" ca sign-host --ca "$W/ca" --context production "$W/agent/identity.json" --out "$W/host1.cert"
 run "$VMBOND" agent install-cert --data "$W/agent" "$W/host1.cert"
+run "$VMBOND" agent install-admin-ca --data "$W/agent" "$W/ca/admin-ca.pub"
 "$VMBOND" agent --data "$W/agent" --listen 127.0.0.1:$AGENT_PORT 2>"$W/agent.log" & pids+=($!)
 "$VMBOND" server --data "$W/server" --listen 127.0.0.1:$SERVER_PORT 2>"$W/server.log" & pids+=($!)
 wait_http "$SERVER/v1/health"; wait_http "http://127.0.0.1:$AGENT_PORT/v1/identity"
 
-step "Admin: enrol the host, create tenant alice"
-run "$VMBOND" --home "$W/admin" login --server "$SERVER" --token-file "$W/server/admin.token" --host-ca "$W/ca/host-ca.pub"
+step "Admins: each makes a key; the officer issues short-lived credentials and a revocation list"
+for who in ops carol dave; do
+  "$VMBOND" admin keygen "$W/$who-keys" >/dev/null
+  run "$VMBOND" ca sign-admin --ca "$W/ca" --name $who --key "$W/$who-keys/admin.pub" --validity 8h --out "$W/$who.cred"
+  "$VMBOND" --home "$W/$who" login --server "$SERVER" --token-file "$W/server/admin.token" --host-ca "$W/ca/host-ca.pub" \
+    --admin-key "$W/$who-keys/admin.key" --admin-cred "$W/$who.cred" >/dev/null
+done
+run "$VMBOND" ca revoke --ca "$W/ca" --number 1 --out "$W/revocations-1.json"
+mv "$W/ops" "$W/admin"
+
+step "Admin: enrol the host, deliver the revocation list, create tenant alice"
 run "$VMBOND" --home "$W/admin" host add http://127.0.0.1:$AGENT_PORT
+"$VMBOND" --home "$W/admin" admin push-revocations "$W/revocations-1.json" >/dev/null
 TOKEN=$("$VMBOND" --home "$W/admin" tenant create alice)
 
 step "Tenant alice: pin the host CA, create a VM from the demo guest (encrypted here, ciphertext uploaded)"
@@ -90,4 +101,29 @@ step "With the honest route back, alice's VM is untouched and still hers"
 run "$VMBOND" --home "$W/alice" vm verify web
 run "$VMBOND" --home "$W/alice" vm status web
 run "$VMBOND" --home "$W/alice" vm stop web
+
+step "An admin's day: bob's VMs allow admins to delete them (say, for cleanup)"
+"$VMBOND" --home "$W/bob" vm create tmp1 --size 16M --admin-allow status,delete >/dev/null
+for n in 2 3 4; do "$VMBOND" --home "$W/bob" vm create tmp$n --size 16M --admin-allow status,delete >/dev/null; done
+ids=$("$VMBOND" --home "$W/bob" -o json vm list | sed -n 's/.*"id": "\(vm-[0-9a-f]*\)".*/\1/p')
+n=0; last=""
+for id in $ids; do
+  [ "$id" = "$BOBID" ] && continue
+  n=$((n+1)); last=$id
+  set +e; run "$VMBOND" --home "$W/admin" admin run delete "$id"; set -e
+done
+step "Past the budget (3 deletions per admin per hour on each host) a quorum of other admins must approve"
+REQ=$("$VMBOND" --home "$W/admin" -o json admin request delete "$last" | sed -n 's/^  "id": "\([0-9a-f]*\)".*/\1/p')
+run "$VMBOND" --home "$W/admin" admin list
+set +e; run "$VMBOND" --home "$W/admin" admin approve "$REQ"; echo "(the requester's own approval will not count)"; set -e
+run "$VMBOND" --home "$W/carol" admin approve "$REQ"
+run "$VMBOND" --home "$W/dave" admin approve "$REQ"
+run "$VMBOND" --home "$W/admin" admin execute "$REQ"
+
+step "Deletes are soft: bob restores his VMs within the retention period"
+for name in tmp1 tmp2 tmp3 tmp4; do run "$VMBOND" --home "$W/bob" vm restore $name; done
+
+step "Every decision is in the agent's hash-chained, signed audit log"
+run "$VMBOND" --home "$W/bob" vm audit tmp1
+run "$VMBOND" --home "$W/admin" audit verify
 echo; echo "demo complete"
