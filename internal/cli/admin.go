@@ -136,7 +136,7 @@ per_host=N, with --host) and for deletions past the budget. Then others run
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(a.stdout, "approved %s by %s on VM %q host %s (valid %s)\n", body.Op, body.Admin, body.VM, body.Host, validFor)
+			fmt.Fprintf(a.stdout, "you approved %s's request: %s on VM %q, host %s (approval valid %s)\n", body.Admin, body.Op, body.VM, body.Host, validFor)
 			return nil
 		},
 	}
