@@ -275,7 +275,7 @@ func (d *Encrypted) decrypt(buf []byte, sector int64) {
 		for j < len(buf) && !isZeroSector(buf[j:]) {
 			j += sectorSize
 		}
-		d.c.Decrypt(buf[i:j], buf[i:j], uint64(sector)+uint64(i/sectorSize))
+		d.c.DecryptParallel(buf[i:j], buf[i:j], uint64(sector)+uint64(i/sectorSize))
 		i = j
 	}
 }
@@ -329,7 +329,7 @@ func (d *Encrypted) writeLocked(p []byte, off, n int64) (int64, error) {
 		} else {
 			clear(chunk[skip : skip+m])
 		}
-		d.c.Encrypt(chunk, chunk, uint64(sec))
+		d.c.EncryptParallel(chunk, chunk, uint64(sec))
 		if _, err := d.f.WriteAt(chunk, d.base+sec*sectorSize); err != nil {
 			return done, fmt.Errorf("disk: writing sectors %d+%d: %w", sec, span/sectorSize, err)
 		}
