@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +16,7 @@ import (
 
 	"github.com/vmbond/vmbond/internal/bond"
 	"github.com/vmbond/vmbond/internal/disk"
+	"github.com/vmbond/vmbond/internal/fsutil"
 	"github.com/vmbond/vmbond/internal/nbd"
 	"github.com/vmbond/vmbond/internal/proto"
 	"github.com/vmbond/vmbond/internal/qmp"
@@ -70,7 +69,7 @@ func (v *vm) checkBootFiles() error {
 		if f.want == "" {
 			continue
 		}
-		got, err := fileSHA256(filepath.Join(v.dir, f.name))
+		got, err := fsutil.SHA256File(filepath.Join(v.dir, f.name))
 		if err != nil {
 			return fmt.Errorf("%s: %w", f.name, err)
 		}
@@ -79,19 +78,6 @@ func (v *vm) checkBootFiles() error {
 		}
 	}
 	return nil
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", err
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // serveDisk opens the VM's encrypted image with its key and exports it on the

@@ -3,8 +3,6 @@ package client
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -16,6 +14,7 @@ import (
 
 	"github.com/vmbond/vmbond/internal/bond"
 	"github.com/vmbond/vmbond/internal/disk"
+	"github.com/vmbond/vmbond/internal/fsutil"
 	"github.com/vmbond/vmbond/internal/proto"
 )
 
@@ -73,12 +72,12 @@ func (c *Client) Create(ctx context.Context, o CreateOptions) (*VMKey, error) {
 	var uploads []upload
 	if o.Kernel != "" {
 		spec.Boot = proto.BootSpec{Mode: proto.BootKernel, Cmdline: o.Cmdline}
-		if spec.Boot.KernelSHA256, err = hashFile(o.Kernel); err != nil {
+		if spec.Boot.KernelSHA256, err = fsutil.SHA256File(o.Kernel); err != nil {
 			return nil, err
 		}
 		uploads = append(uploads, upload{"/v1/vms/" + id + "/boot/kernel", o.Kernel})
 		if o.Initrd != "" {
-			if spec.Boot.InitrdSHA256, err = hashFile(o.Initrd); err != nil {
+			if spec.Boot.InitrdSHA256, err = fsutil.SHA256File(o.Initrd); err != nil {
 				return nil, err
 			}
 			uploads = append(uploads, upload{"/v1/vms/" + id + "/boot/initrd", o.Initrd})
@@ -181,19 +180,6 @@ func (c *Client) chooseHost(ctx context.Context, o CreateOptions) (*proto.HostIn
 		return nil, nil, err
 	}
 	return &h, body, nil
-}
-
-func hashFile(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("hash %s: %w", path, err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // encryptImage turns a local raw or qcow2 image into an encrypted LUKS image

@@ -1,8 +1,11 @@
 // Package fsutil owns the few file-system helpers every role shares: writing
-// a file so that a crash never leaves it torn.
+// a file so that a crash never leaves it torn, copying a stream into a sparse
+// file, hashing a file.
 package fsutil
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"os"
@@ -99,4 +102,18 @@ func isZero(b []byte) bool {
 		}
 	}
 	return true
+}
+
+// SHA256File returns the hex SHA-256 of a file's content.
+func SHA256File(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", fmt.Errorf("hash %s: %w", path, err)
+	}
+	return hex.EncodeToString(h.Sum(nil)), nil
 }
