@@ -256,6 +256,19 @@ for dir in encrypt decrypt; do
 	add "ssl-$dir" qnbd "$v"
 done
 
+# --- audit log (issue 4): group-committed durable appends, chain verification --
+log "audit: go test -bench internal/audit"
+abench=$(go test -run '^$' -bench 'Append/appenders=(64|256)$' -benchtime 200000x -count "$GO_COUNT" ./internal/audit/ 2>/dev/null || true)
+abench+=$'\n'$(go test -run '^$' -bench 'Verify$' -benchtime 1x -count "$GO_COUNT" ./internal/audit/ 2>/dev/null || true)
+for k in 64 256; do
+	for v in $(awk -v b="BenchmarkAppend/appenders=$k" '$1 ~ "^" b "(-[0-9]+)?$" {for (i = 1; i < NF; i++) if ($(i+1) == "entries/s") print $i}' <<<"$abench"); do
+		add "audit-append-$k" venc "$v"
+	done
+done
+for v in $(awk '$1 ~ "^BenchmarkVerify(-[0-9]+)?$" {for (i = 1; i < NF; i++) if ($(i+1) == "entries/s") print $i}' <<<"$abench"); do
+	add audit-verify venc "$v"
+done
+
 # --- report -----------------------------------------------------------------
 med() {   # values... -> median, or empty
 	[ $# -gt 0 ] || return 0
@@ -289,6 +302,10 @@ report() {
 		local lc=${d,,}
 		echo "| cipher AES-256-XTS 4 KiB ${lc}, MB/s (vmbond: internal/xts; baseline: openssl speed; x/crypto/xts $(fmt "$(m go-XCryptoXTS venc)") MB/s) | $(fmt "$(m "go-$d" venc)") | — | $(fmt "$(m "ssl-$lc" qnbd)") (openssl) | — | — | $(ratio "$(m "go-$d" venc)" "$(m "ssl-$lc" qnbd)") | — | — | — |"
 	done
+	for k in 64 256; do
+		echo "| audit log durable appends, $k concurrent appenders, entries/s | $(fmt "$(m "audit-append-$k" venc)") | — | — | — | — | — | — | — | — |"
+	done
+	echo "| audit log verify, 1,000,000 entries, entries/s | $(fmt "$(m audit-verify venc)") | — | — | — | — | — | — | — | — |"
 }
 
 # Targets from the issue. ge/le: value, threshold -> 0 if met.
@@ -317,6 +334,12 @@ targets() {
 		ok=1; [ -n "$a" ] && ge "$a" 4000 && ok=0
 		target $ok "cipher ≥ 4 GB/s, internal/xts 4 KiB ${d,,}: $(fmt "$a") MB/s"
 	done
+	a=$(m audit-append-256 venc)
+	ok=1; [ -n "$a" ] && ge "$a" 50000 && ok=0
+	target $ok "audit appends ≥ 50,000 entries/s (256 appenders, durable, batched): $(fmt "$a")"
+	a=$(m audit-verify venc)
+	ok=1; [ -n "$a" ] && ge "$a" 500000 && ok=0
+	target $ok "audit verify of 1,000,000 entries in under 2 s: $(awk -v v="$a" 'BEGIN {if (v > 0) printf "%.2f s", 1000000 / v; else print "—"}')"
 }
 
 {
