@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -154,7 +155,7 @@ func (a *Agent) handleHostAdmin(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !critical(req.Op) || req.Op == proto.OpPurge {
-		fail(w, http.StatusBadRequest, a.refuse(d, proto.CodeBadRequest, fmt.Sprintf("unknown host operation %q (set-retention, set-budget)", req.Op)))
+		fail(w, http.StatusBadRequest, a.refuse(d, proto.CodeBadRequest, fmt.Sprintf("unknown host operation %q (set-retention, set-budget, wipe-host)", req.Op)))
 		return
 	}
 	if err := a.needQuorum(&env, cred, req.Op+" is critical"); err != nil {
@@ -165,7 +166,12 @@ func (a *Agent) handleHostAdmin(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusServiceUnavailable, &proto.Error{Code: proto.CodeUnavailable, Message: err.Error()})
 		return
 	}
-	note, err := a.applySetting(req)
+	var note string
+	if req.Op == OpWipeHost {
+		note, err = a.wipeHost(r.Context())
+	} else {
+		note, err = a.applySetting(req)
+	}
 	if err != nil {
 		a.record(d, "failed", err.Error())
 		fail(w, http.StatusBadRequest, &proto.Error{Code: proto.CodeBadRequest, Message: err.Error()})
@@ -198,4 +204,29 @@ func (a *Agent) handleRevocations(w http.ResponseWriter, r *http.Request) {
 	}
 	a.allow(d, "revocation list accepted")
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// wipeHost soft-deletes every VM on the host: each stays restorable by its
+// tenant for the retention period, like any delete.
+func (a *Agent) wipeHost(ctx context.Context) (string, error) {
+	a.mu.Lock()
+	vms := make([]*vm, 0, len(a.vms))
+	for _, v := range a.vms {
+		vms = append(vms, v)
+	}
+	a.mu.Unlock()
+	n := 0
+	for _, v := range vms {
+		v.opMu.Lock()
+		var err error
+		if v.deletedAt() == nil {
+			_, _, err = a.deleteVM(ctx, v)
+			n++
+		}
+		v.opMu.Unlock()
+		if err != nil {
+			return "", fmt.Errorf("wipe host: %s: %w", v.spec.VM, err)
+		}
+	}
+	return fmt.Sprintf("%d VMs deleted, restorable by their tenants for %s", n, a.currentSettings().Retention), nil
 }

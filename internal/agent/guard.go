@@ -35,6 +35,7 @@ var (
 const (
 	OpSetRetention = "set-retention" // args: hours
 	OpSetBudget    = "set-budget"    // args: per_admin, per_host
+	OpWipeHost     = "wipe-host"     // soft-deletes every VM on the host
 )
 
 // destructive operations count against the budgets.
@@ -42,7 +43,7 @@ func destructive(op string) bool { return op == proto.OpDelete || op == proto.Op
 
 // critical operations always need a quorum of other admins.
 func critical(op string) bool {
-	return op == proto.OpPurge || op == OpSetRetention || op == OpSetBudget
+	return op == proto.OpPurge || op == OpSetRetention || op == OpSetBudget || op == OpWipeHost
 }
 
 // settings are the guardrail values a quorum may change; they live in the
@@ -154,7 +155,7 @@ func (a *Agent) applySetting(req *admin.RequestBody) (string, error) {
 		}
 		st.BudgetPerAdmin, st.BudgetPerHost = pa, ph
 	default:
-		return "", fmt.Errorf("unknown host operation %q (set-retention, set-budget)", req.Op)
+		return "", fmt.Errorf("unknown host operation %q (set-retention, set-budget, wipe-host)", req.Op)
 	}
 	if err := a.store.putMeta("settings", st); err != nil {
 		return "", err

@@ -20,6 +20,7 @@ import (
 
 func (a *app) agentCmd() *cobra.Command {
 	var dataDir, listen, qemu string
+	var cfg agent.Config
 	cmd := &cobra.Command{
 		Use:   "agent",
 		Short: "Run the trusted host agent",
@@ -34,7 +35,8 @@ First time on a host:
   vmbond agent --data /var/lib/vmbond-agent --listen 127.0.0.1:7001`,
 		Args: exactArgs(0, "no arguments"),
 		RunE: func(c *cobra.Command, _ []string) error {
-			ag, err := agent.New(agent.Config{DataDir: dataDir, QEMU: qemu, Logger: a.logger()})
+			cfg.DataDir, cfg.QEMU, cfg.Logger = dataDir, qemu, a.logger()
+			ag, err := agent.New(cfg)
 			if err != nil {
 				return err
 			}
@@ -50,6 +52,12 @@ First time on a host:
 	cmd.PersistentFlags().StringVar(&dataDir, "data", "/var/lib/vmbond-agent", "agent data directory")
 	cmd.Flags().StringVar(&listen, "listen", "127.0.0.1:7001", "address of the agent API")
 	cmd.Flags().StringVar(&qemu, "qemu", "qemu-system-x86_64", "QEMU binary")
+	cmd.Flags().DurationVar(&cfg.Retention, "retention", agent.DefaultRetention, "how long deleted VMs stay restorable (initial value; later changes need a quorum)")
+	cmd.Flags().IntVar(&cfg.BudgetPerAdmin, "budget-per-admin", agent.DefaultBudgetPerAdmin, "deletions one admin may make per window on this host without a quorum")
+	cmd.Flags().IntVar(&cfg.BudgetPerHost, "budget-per-host", agent.DefaultBudgetPerHost, "deletions all admins together may make per window on this host without a quorum")
+	cmd.Flags().DurationVar(&cfg.BudgetWindow, "budget-window", agent.DefaultBudgetWindow, "the budgets' window")
+	cmd.Flags().IntVar(&cfg.Quorum, "quorum", agent.DefaultQuorum, "approvals by other admins a critical operation needs")
+	cmd.Flags().DurationVar(&cfg.RevocationMaxAge, "revocation-max-age", 24*time.Hour, "refuse every admin operation when the newest revocation list is older")
 
 	var hostID string
 	initCmd := &cobra.Command{

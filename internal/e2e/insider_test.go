@@ -261,6 +261,31 @@ func TestQuorum(t *testing.T) {
 			t.Fatalf("approved set-retention: %d %s", resp.StatusCode, out)
 		}
 	})
+	t.Run("wiping a host needs a quorum and stays restorable", func(t *testing.T) {
+		if code, body := adminDirect(t, bob, h, "host1", "", agent.OpWipeHost); code != http.StatusForbidden || !strings.Contains(body, "critical") {
+			t.Fatalf("unapproved wipe-host: %d %s", code, body)
+		}
+		sr, _ := bob.SignAdminRequest(ctx, client.AdminTarget{Host: "host1"}, agent.OpWipeHost, nil)
+		b, _ := json.Marshal(admin.Envelope{Request: *sr, Approvals: []*admin.Approval{approve(carol, sr, time.Hour), approve(dave, sr, time.Hour)}})
+		resp, err := http.Post(h.URL+"/v1/admin", "application/json", bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK || !strings.Contains(string(out), "VMs deleted") {
+			t.Fatalf("approved wipe-host: %d %s", resp.StatusCode, out)
+		}
+		for i := range ids {
+			name := fmt.Sprintf("vm%d", i)
+			if r, err := alice.Command(ctx, name, proto.OpStatus); err != nil || r.State != "deleted" {
+				t.Fatalf("%s after wipe: %v", name, err)
+			}
+			if _, err := alice.Command(ctx, name, proto.OpRestore); err != nil {
+				t.Fatalf("restore %s after wipe: %v", name, err)
+			}
+		}
+	})
 }
 
 func TestRevocationAndStaleList(t *testing.T) {

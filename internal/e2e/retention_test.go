@@ -65,3 +65,41 @@ func TestSoftDeleteRestorePurge(t *testing.T) {
 		t.Fatalf("re-registration of a purged VM: %d %s", status, b)
 	}
 }
+
+// TestPurgeAfterRetention: the host purges a deleted VM once its retention
+// ends, and only then.
+func TestPurgeAfterRetention(t *testing.T) {
+	c := newCluster(t, "host1")
+	alice := c.tenant("alice")
+	ctx := context.Background()
+	vk := blankVM(t, alice, "web", "host1")
+	keep := blankVM(t, alice, "db", "host1")
+	if _, err := alice.Command(ctx, "web", "delete"); err != nil {
+		t.Fatal(err)
+	}
+	// Restart the agent six days later: nothing is purged yet.
+	restart := func(after time.Duration) {
+		c.clock = func() time.Time { return time.Now().Add(after) }
+		c.agents["host1"].stop()
+		c.startAgent("host1", c.agents["host1"].DataDir)
+		if _, err := c.admin.AddHost(ctx, c.agents["host1"].URL); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(200 * time.Millisecond) // the purge loop runs as Serve starts
+	}
+	img := filepath.Join(c.agents["host1"].DataDir, "vms", vk.ID, "disk.img")
+	restart(6 * 24 * time.Hour)
+	if _, err := os.Stat(img); err != nil {
+		t.Fatalf("purged before retention ended: %v", err)
+	}
+	restart(agent.DefaultRetention + time.Hour)
+	if _, err := os.Stat(img); !os.IsNotExist(err) {
+		t.Fatalf("not purged after retention: %v", err)
+	}
+	if !auditHas(t, c.agents["host1"], vk.ID, "purge", "allowed", "retention period ended") {
+		t.Fatal("automatic purge not logged")
+	}
+	if _, err := os.Stat(filepath.Join(c.agents["host1"].DataDir, "vms", keep.ID, "disk.img")); err != nil {
+		t.Fatalf("a live VM was purged: %v", err)
+	}
+}
