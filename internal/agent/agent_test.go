@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/vmbond/vmbond/internal/bond"
 	"github.com/vmbond/vmbond/internal/ca"
 	"github.com/vmbond/vmbond/internal/proto"
 )
@@ -108,4 +109,40 @@ func FuzzAgentAPI(f *testing.F) {
 			t.Fatalf("%s answered %d: %s", path, w.Code, w.Body)
 		}
 	})
+}
+
+// TestRefusesWhenAuditLogUnwritable: with no record possible, the agent
+// does not act.
+func TestRefusesWhenAuditLogUnwritable(t *testing.T) {
+	a := newTestAgent(t)
+	h := a.Handler()
+	key := bond.NewDiskKey()
+	keys, _ := bond.Derive(key, "alice", "web")
+	spec, _ := json.Marshal(proto.VMSpec{Version: proto.Version, Tenant: "alice", VM: "web", Name: "web", Host: "host1",
+		MemoryMiB: 64, CPUs: 1, DiskSize: 1 << 20, Boot: proto.BootSpec{Mode: proto.BootDisk}, AdminAllowed: []string{"status"}})
+	sealed, err := bond.SealDiskKey(a.id.sealKey.PublicKey().Bytes(), key, bond.Binding{Tenant: "alice", VM: "web", Host: "host1", Spec: spec})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg, _ := json.Marshal(proto.Registration{Spec: spec, SpecMAC: keys.SpecMAC(spec), SealedKey: sealed})
+	w := httptest.NewRecorder()
+	h.ServeHTTP(w, httptest.NewRequest("POST", "/v1/vms/web/register", bytes.NewReader(reg)))
+	if w.Code != http.StatusOK {
+		t.Fatalf("register: %d %s", w.Code, w.Body)
+	}
+	command := func() *httptest.ResponseRecorder {
+		body, _ := json.Marshal(proto.CommandBody{Version: proto.Version, Tenant: "alice", VM: "web", Host: "host1", Op: "delete",
+			Nonce: bond.NewDiskKey()[:16], Time: time.Now().UTC()})
+		env, _ := json.Marshal(proto.Envelope{Body: body, MAC: keys.CommandMAC(a.lookup("web").rec.DescriptorID, body)})
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest("POST", "/v1/vms/web/command", bytes.NewReader(env)))
+		return w
+	}
+	a.audit.Close() // every later append fails
+	if w := command(); w.Code != http.StatusServiceUnavailable || !strings.Contains(w.Body.String(), "record decision") {
+		t.Fatalf("command with no audit log: %d %s", w.Code, w.Body)
+	}
+	if v := a.lookup("web"); v == nil || v.deletedAt() != nil {
+		t.Fatal("the agent acted without a record")
+	}
 }
