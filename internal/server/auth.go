@@ -20,8 +20,9 @@ import (
 // Bearer tokens separate the tenants' inventories on this server. They are
 // not the security guarantee: the agents and the tenants' keys are.
 
-// adminIdentity is the identity of the admin token, as written into the
-// AdminCommand relayed to agents and into the logs.
+// adminIdentity is the identity of the admin token in the logs. It says
+// nothing to the agents: admin operations carry the admin's own signature
+// (admin.Envelope), which the server relays unchanged.
 const adminIdentity = "admin"
 
 type role int
