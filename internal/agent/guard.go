@@ -84,9 +84,8 @@ func (s *store) getMeta(key string, v any) bool {
 	return found
 }
 
-// spend checks the budgets and, if within them or approved by a quorum,
-// records one destructive operation by adminName. It reports whether the
-// budget was exceeded (so the caller knows a quorum was required).
+// budgetUse counts the destructive operations recorded in the window: by
+// adminName, and on this host by anyone.
 func (s *store) budgetUse(adminName string, now time.Time, window time.Duration) (byAdmin, byHost int, err error) {
 	from := now.Add(-window).UnixNano()
 	err = s.db.View(func(tx *bolt.Tx) error {
@@ -104,6 +103,7 @@ func (s *store) budgetUse(adminName string, now time.Time, window time.Duration)
 	return byAdmin, byHost, err
 }
 
+// budgetSpend records one destructive operation by adminName.
 func (s *store) budgetSpend(adminName string, now time.Time, window time.Duration) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketBudget)
