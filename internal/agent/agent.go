@@ -302,7 +302,16 @@ func (a *Agent) sign(b []byte) []byte { return ed25519.Sign(a.id.signer, b) }
 // Serve serves the agent API on l until ctx is done.
 func (a *Agent) Serve(ctx context.Context, l net.Listener) error {
 	srv := &http.Server{Handler: a.Handler(), ReadHeaderTimeout: 10 * time.Second}
-	go a.purgeLoop(ctx)
+	ctx, cancel := context.WithCancel(ctx)
+	purged := make(chan struct{})
+	go func() {
+		defer close(purged)
+		a.purgeLoop(ctx)
+	}()
+	defer func() {
+		cancel()
+		<-purged
+	}()
 	go func() {
 		<-ctx.Done()
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -117,19 +118,17 @@ type cluster struct {
 	admin    *client.Client
 	agents   map[string]*testAgent
 	adminTok string
-	// revList is the newest admin revocation list; clock, when set, is
-	// the agents' clock.
+	// revList is the newest admin revocation list; skew moves the agents'
+	// clock (agents' goroutines read it while tests change it).
 	revList    *admin.RevocationList
 	adminCAPub string
-	clock      func() time.Time
+	skew       atomic.Int64
 }
 
-func (c *cluster) now() time.Time {
-	if c.clock != nil {
-		return c.clock()
-	}
-	return time.Now()
-}
+func (c *cluster) now() time.Time { return time.Now().Add(time.Duration(c.skew.Load())) }
+
+// setClock moves the agents' clock d from real time.
+func (c *cluster) setClock(d time.Duration) { c.skew.Store(int64(d)) }
 
 // revocations signs revocation list number n revoking serials.
 func (c *cluster) revocations(n uint64, serials ...string) *admin.RevocationList {

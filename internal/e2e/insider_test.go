@@ -317,7 +317,7 @@ func TestRevocationAndStaleList(t *testing.T) {
 	if _, err := carol.Admin(ctx, vk.ID, "status"); err != nil {
 		t.Fatal(err)
 	}
-	c.clock = func() time.Time { return time.Now().Add(25 * time.Hour) }
+	c.setClock(25 * time.Hour)
 	c.agents["host1"].stop()
 	c.startAgent("host1", c.agents["host1"].DataDir)
 	if _, err := c.admin.AddHost(ctx, c.agents["host1"].URL); err != nil {

@@ -79,7 +79,7 @@ func TestPurgeAfterRetention(t *testing.T) {
 	}
 	// Restart the agent six days later: nothing is purged yet.
 	restart := func(after time.Duration) {
-		c.clock = func() time.Time { return time.Now().Add(after) }
+		c.setClock(after)
 		c.agents["host1"].stop()
 		c.startAgent("host1", c.agents["host1"].DataDir)
 		if _, err := c.admin.AddHost(ctx, c.agents["host1"].URL); err != nil {
