@@ -63,10 +63,6 @@ func (s *store) put(vm string, r *record) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketVMs).Put([]byte(vm), b) })
 }
 
-func (s *store) remove(vm string) error {
-	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketVMs).Delete([]byte(vm)) })
-}
-
 func (s *store) all() (map[string]*record, error) {
 	out := map[string]*record{}
 	err := s.db.View(func(tx *bolt.Tx) error {

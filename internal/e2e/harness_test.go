@@ -10,8 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"net/http/httputil"
-	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -313,21 +311,6 @@ func (c *cluster) tenant(name string) *client.Client {
 		c.t.Fatal(err)
 	}
 	return c.login(c.t.TempDir(), cred.Token, name)
-}
-
-// through returns a copy of cl whose requests go through a proxy that may
-// rewrite them: a hostile network or server front end.
-func through(t testing.TB, cl *client.Client, rewrite func(r *http.Request)) *client.Client {
-	t.Helper()
-	target, _ := url.Parse(cl.Config.Server)
-	p := httptest.NewServer(&httputil.ReverseProxy{Rewrite: func(pr *httputil.ProxyRequest) {
-		pr.SetURL(target)
-		rewrite(pr.Out)
-	}})
-	t.Cleanup(p.Close)
-	cfg := *cl.Config
-	cfg.Server = p.URL
-	return &client.Client{Config: &cfg, Store: cl.Store, HTTP: cl.HTTP}
 }
 
 // rewriteBody replaces a request's body.
