@@ -42,6 +42,26 @@ func (c *cluster) hostile(host string, rewrite func(r *http.Request)) {
 	}
 }
 
+// alterSpec rewrites the spec inside registrations in flight, leaving its
+// MAC and sealed key as the tenant made them.
+func alterSpec(alter func(*proto.VMSpec)) func(*http.Request) {
+	return func(r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, "/register") {
+			return
+		}
+		rewriteBody(r, func(b []byte) []byte {
+			var reg proto.Registration
+			json.Unmarshal(b, &reg)
+			var spec proto.VMSpec
+			json.Unmarshal(reg.Spec, &spec)
+			alter(&spec)
+			reg.Spec, _ = json.Marshal(spec)
+			out, _ := json.Marshal(reg)
+			return out
+		})
+	}
+}
+
 func mustRedirection(t *testing.T, err error) {
 	t.Helper()
 	var re *client.RedirectionError
@@ -424,21 +444,7 @@ func TestAttackAdminOperationNotAllowed(t *testing.T) {
 		}
 	}
 	// Widening the policy in flight breaks the registration's seal.
-	c.hostile("host1", func(r *http.Request) {
-		if !strings.HasSuffix(r.URL.Path, "/register") {
-			return
-		}
-		rewriteBody(r, func(b []byte) []byte {
-			var reg proto.Registration
-			json.Unmarshal(b, &reg)
-			var spec proto.VMSpec
-			json.Unmarshal(reg.Spec, &spec)
-			spec.AdminAllowed = proto.Operations()
-			reg.Spec, _ = json.Marshal(spec)
-			out, _ := json.Marshal(reg)
-			return out
-		})
-	})
+	c.hostile("host1", alterSpec(func(s *proto.VMSpec) { s.AdminAllowed = proto.Operations() }))
 	_, err := alice.Create(ctx, client.CreateOptions{Name: "db", DiskSize: 8 << 20, Host: "host1"})
 	if err == nil {
 		t.Fatal("registration with a widened admin policy succeeded")
@@ -484,21 +490,7 @@ func TestAttackSubstituteBoot(t *testing.T) {
 		}
 	})
 	t.Run("command line", func(t *testing.T) {
-		c.hostile("host1", func(r *http.Request) {
-			if !strings.HasSuffix(r.URL.Path, "/register") {
-				return
-			}
-			rewriteBody(r, func(b []byte) []byte {
-				var reg proto.Registration
-				json.Unmarshal(b, &reg)
-				var spec proto.VMSpec
-				json.Unmarshal(reg.Spec, &spec)
-				spec.Boot.Cmdline += " init=/bin/sh"
-				reg.Spec, _ = json.Marshal(spec)
-				out, _ := json.Marshal(reg)
-				return out
-			})
-		})
+		c.hostile("host1", alterSpec(func(s *proto.VMSpec) { s.Boot.Cmdline += " init=/bin/sh" }))
 		_, err := alice.Create(ctx, client.CreateOptions{Name: "k3", DiskSize: 8 << 20, Host: "host1", Kernel: g.Kernel, Initrd: g.Initrd, Cmdline: g.Cmdline})
 		if err == nil {
 			t.Fatal("altered command line accepted")
