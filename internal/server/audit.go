@@ -45,23 +45,30 @@ func (s *Server) auditPath(host string) string {
 // one and answers them all, falling back to the saved copy of a host that
 // does not answer.
 func (s *Server) collectAudit(c *call) error {
+	return eachHost(s, c, "failed", func(h hostRecord) auditResult { return s.auditHost(c, h) },
+		func(r auditResult) bool { return r.Error != "" })
+}
+
+// eachHost runs per on every enrolled host at once and answers the results
+// as a JSON list, noting how many failed under the log key failedKey.
+func eachHost[R any](s *Server, c *call, failedKey string, per func(hostRecord) R, failed func(R) bool) error {
 	hosts, err := s.store.hosts()
 	if err != nil {
 		return internalError("list hosts", err)
 	}
-	results := make([]auditResult, len(hosts))
+	results := make([]R, len(hosts))
 	var wg sync.WaitGroup
 	for i, h := range hosts {
-		wg.Go(func() { results[i] = s.auditHost(c, h) })
+		wg.Go(func() { results[i] = per(h) })
 	}
 	wg.Wait()
-	failed := 0
+	n := 0
 	for _, r := range results {
-		if r.Error != "" {
-			failed++
+		if failed(r) {
+			n++
 		}
 	}
-	c.note("hosts", len(results), "failed", failed)
+	c.note("hosts", len(results), failedKey, n)
 	writeJSON(c.w, http.StatusOK, results)
 	return nil
 }

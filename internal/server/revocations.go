@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"sync"
 	"time"
 
 	bolt "go.etcd.io/bbolt"
@@ -64,28 +63,10 @@ func (s *Server) postRevocations(c *call) error {
 	default:
 		c.note("decision", fmt.Sprintf("not stored: the stored list is #%d", held))
 	}
-	hosts, err := s.store.hosts()
-	if err != nil {
-		return internalError("list hosts", err)
-	}
-	results := make([]hostResult, len(hosts))
-	var wg sync.WaitGroup
-	for i, h := range hosts {
-		wg.Go(func() {
-			ans, err := s.agents.do(c.r.Context(), http.MethodPost, agentURL(h.URL, "/v1/revocations"), raw, pushTimeout)
-			results[i] = resultOf(h.ID, ans, err)
-		})
-	}
-	wg.Wait()
-	failed := 0
-	for _, r := range results {
-		if r.Error != "" {
-			failed++
-		}
-	}
-	c.note("hosts", len(results), "push_failed", failed)
-	writeJSON(c.w, http.StatusOK, results)
-	return nil
+	return eachHost(s, c, "push_failed", func(h hostRecord) hostResult {
+		ans, err := s.agents.do(c.r.Context(), http.MethodPost, agentURL(h.URL, "/v1/revocations"), raw, pushTimeout)
+		return resultOf(h.ID, ans, err)
+	}, func(r hostResult) bool { return r.Error != "" })
 }
 
 // getRevocations answers the stored revocation list, as it was received.
