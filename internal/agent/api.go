@@ -419,9 +419,6 @@ func (a *Agent) reply(w http.ResponseWriter, v *vm, request []byte, op, state, o
 	if opErr != nil {
 		rb.Error = opErr.Error()
 	}
-	if box, err := a.descriptorBox(v); err == nil {
-		rb.Descriptor = box
-	}
 	sealed, err := v.keys.SealReply(rb)
 	if err != nil {
 		fail(w, http.StatusInternalServerError, &proto.Error{Code: proto.CodeInternal, Message: err.Error()})

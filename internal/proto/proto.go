@@ -237,17 +237,16 @@ type SealedReply struct {
 
 // ReplyBody is the opened content of a SealedReply.
 type ReplyBody struct {
-	Version    string         `json:"version"`
-	VM         string         `json:"vm"`
-	Host       string         `json:"host"`
-	Op         string         `json:"op"`
-	Request    []byte         `json:"request"` // SHA-256 of the request body
-	OK         bool           `json:"ok"`
-	Error      string         `json:"error,omitempty"`
-	State      string         `json:"state,omitempty"`
-	Output     string         `json:"output,omitempty"`
-	Descriptor *DescriptorBox `json:"descriptor,omitempty"`
-	Time       time.Time      `json:"time"`
+	Version string    `json:"version"`
+	VM      string    `json:"vm"`
+	Host    string    `json:"host"`
+	Op      string    `json:"op"`
+	Request []byte    `json:"request"` // SHA-256 of the request body
+	OK      bool      `json:"ok"`
+	Error   string    `json:"error,omitempty"`
+	State   string    `json:"state,omitempty"`
+	Output  string    `json:"output,omitempty"`
+	Time    time.Time `json:"time"`
 }
 
 // VerifyRequest asks an agent to prove it holds a VM's disk key.
